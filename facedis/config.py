@@ -1,0 +1,444 @@
+"""Typed run configuration: dataclasses, YAML presets with composition, dotted overrides.
+
+A preset is a YAML file whose keys mirror :class:`Config`. It may name a parent preset with
+``base: other.yaml`` (a path relative to the preset's own folder, or a list of them); the child's
+keys are merged recursively over the parent's. Command-line overrides use dotted keys::
+
+    accelerate launch facedis/train.py --config configs/coma.yaml --loss.recon=600 --method.neutral_gt=false
+
+Unknown keys and wrong types raise :class:`ConfigError` naming the key and the valid choices, before
+any work starts. A run writes its resolved config to ``<run.dir>/config.yaml``; that file can be fed
+back with ``--config`` and gives the same run.
+
+Loss-weight names and the paper / reference-code lambdas (method-spec §2.4):
+
+==========================  =================  =====================  =========================================
+``loss.`` field             paper (Eq. 7)      reference code flag    term
+==========================  =================  =====================  =========================================
+``recon``                   λ1                 ``lambda1``            MSE(x̂, X − M̄) (full-face reconstruction)
+``kl_id``                   λ2                 ``lambda2``            KL of the identity latent
+``kl_exp``                  λ2                 ``lambda3``            KL of the expression latent
+``adv_id``                  λ3                 ``lambda4``            adversarial identity loss −log D(X, M̄+Δ_id)
+``latent_consistency``      λ4                 ``lambda7``            L1(z_id, z_id of re-encoded M̄+Δ_id)
+``laplacian``               λ5                 ``lambda8``            uniform Laplacian of M̄+Δ_id
+``neutral_recon``           (not in paper)     ``lambda1·lambda6``    MSE(Δ_id, X_n − M̄) with neutral GT
+``exp_recon``               (not in paper)     ``lambda1·lambda6``    MSE(Δ_exp, X − X_n) (BU-3DFE +ne-gt)
+==========================  =================  =====================  =========================================
+
+The reference nests λ6 inside λ1; here every weight multiplies its own term, so
+``neutral_recon = lambda1 * lambda6``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before any work starts."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synth"
+    """Prepared data set directory (``data_prep/prepare.py`` output)."""
+    prepare: list[str] = field(default_factory=list)
+    """If ``root`` does not exist, run ``data_prep/prepare.py`` with these arguments (``--out root`` is added).
+    Empty: a missing ``root`` is an error."""
+    train_split: str = "train"
+    test_split: str = "test"
+    in_memory: Literal["auto", "yes", "no"] = "auto"
+    """Load shards into RAM (``auto``: when they fit in a quarter of the available memory)."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process."""
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["vae", "mean_face", "identity_map", "ridge", "supervised"] = "vae"
+    """``vae`` is the paper's method; the others are baselines (docs/results.md)."""
+    id_dim: int = 4
+    exp_dim: int = 4
+    width: float = 1.0
+    """Multiplier of the PointNet encoder's widths (1.0 = the paper's 64/64/64/128/1024)."""
+    decoder_hidden: int = 256
+    disc_width: float = 1.0
+    """Multiplier of the discriminator's widths."""
+    disc_dropout: float = 0.5
+    pointwise: Literal["conv", "linear"] = "conv"
+    """Point-wise layers as ``Conv1d(k=1)`` (reference) or as points-major ``Linear`` (same math, faster)."""
+    ridge_alphas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
+    """Ridge baseline: regularisation strengths tried on the validation split."""
+
+
+@dataclass
+class MethodConfig:
+    neutral_gt: bool = False
+    """+ne-gt: supervise the identity branch with the neutral ground truth."""
+    id_discriminator: bool = True
+    """+id-dis: train with the adversarial identity discriminator."""
+    laplacian: Literal["auto", "on", "off"] = "auto"
+    """``auto``: on for −ne-gt, off for +ne-gt (CoMA/FaceScape rule); BU-3DFE presets use ``on``."""
+    disc_use_bn: bool = False
+    """BatchNorm + dropout in the discriminator during joint training (reference: only CoMA +ne-gt)."""
+
+
+@dataclass
+class LossConfig:
+    recon: float = 100.0
+    kl_id: float = 5e-7
+    kl_exp: float = 5e-7
+    adv_id: float = 1e-3
+    latent_consistency: float = 1e-2
+    laplacian: float = 1e-2
+    neutral_recon: float = 1000.0
+    exp_recon: float = 0.0
+    kl_decay_epochs: int = 0
+    """If > 0, KL weights are multiplied by (T − epoch)/T (reference CoMA: T = 350)."""
+
+
+@dataclass
+class FidelityConfig:
+    """Switches between the reference code's behaviour and fixes (docs/fidelity.md)."""
+
+    analytic_kl: bool = False
+    disc_bn_match: bool = False
+    detach_fakes: bool = False
+    encoder_only_reencode: bool = False
+    reencode_mu: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr_vae: float = 1e-4
+    lr_disc: float = 1e-4
+    weight_decay_vae: float = 1e-4
+    lr_step_epochs: int = 50
+    lr_gamma: float = 0.7
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-4
+    use_bn: bool = True
+    enabled: bool = True
+    """Pretrain the discriminator before joint training (skipped when its artefact already exists)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 32
+    """Global batch size: split evenly across processes (must be divisible by the world size)."""
+    eval_batch_size: int = 64
+    eval_every: int = 10
+    """Evaluate on the test split every N epochs (and always at the end)."""
+    checkpoint_every: int = 1
+    """Save a full resumable checkpoint every N epochs (and on SIGTERM/SIGUSR1)."""
+    checkpoint_every_steps: int = 0
+    """Also save a mid-epoch checkpoint every N steps (0 = off)."""
+    seed: int = 0
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    compile: bool = False
+    fast: bool = False
+    """Shorthand for the fast path: detached fakes, encoder-only re-encode, Linear point-wise layers."""
+    max_steps_per_epoch: int = 0
+    """Debug/benchmark: stop an epoch after N steps (0 = full epoch)."""
+    progress: bool = True
+    log_every_steps: int = 50
+    image_every: int = 0
+    """Write an error-map image to TensorBoard every N epochs (0 = only at the end)."""
+    cpu: bool = False
+    """Force CPU even when a GPU is present."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    dir: str = ""
+    """Run directory; empty means ``<out_dir>/<name>``."""
+    artefact_dir: str = "runs/_artefacts"
+    """Where pretrained discriminators are cached (keyed by content hash)."""
+
+    def resolved_dir(self) -> Path:
+        return Path(self.dir) if self.dir else Path(self.out_dir) / self.name
+
+
+@dataclass
+class Config:
+    dataset: str = "synth"
+    """Data set name (synth, coma, bu3dfe, facescape, custom): selects paper numbers and protocol details."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def mode(self) -> str:
+        """Paper-style mode label, e.g. ``+ne-gt+id-dis``."""
+        ne = "+ne-gt" if self.method.neutral_gt else "-ne-gt"
+        dis = "+id-dis" if self.method.id_discriminator else "-id-dis"
+        return ne + dis
+
+    def use_laplacian(self) -> bool:
+        if self.method.laplacian == "auto":
+            return not self.method.neutral_gt
+        return self.method.laplacian == "on"
+
+
+# --------------------------------------------------------------------------------------------
+# conversion
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a section with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Convert ``value`` (from YAML or the command line) to ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not valid; choose {_describe(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} matches none of {typing.get_args(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split()
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") if item_tp is not Any else v for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        return _from_dict(tp, value, key)
+    return value
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    types_ = _field_types(cls)
+    kwargs = {}
+    for k, v in data.items():
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if k not in types_:
+            raise ConfigError(f"unknown key {full!r}; valid keys here: {', '.join(sorted(types_))}")
+        kwargs[k] = _coerce(v, types_[k], full)
+    defaults = cls()
+    for k, v in kwargs.items():
+        setattr(defaults, k, v)
+    return defaults
+
+
+def config_from_dict(data: dict) -> Config:
+    return _from_dict(Config, data)
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_preset(path: Path, seen: tuple = ()) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular 'base:' chain {[str(s) for s in seen]}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    bases = data.pop("base", None)
+    merged: dict = {}
+    for b in [bases] if isinstance(bases, str) else (bases or []):
+        merged = _deep_merge(merged, _read_preset(path.parent / b, seen + (path.resolve(),)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"loss.recon=600"`` or ``"--loss.recon=600"`` -> (``"loss.recon"``, ``600``)."""
+    item = item[2:] if item.startswith("--") else item
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:
+    """Return a new Config with dotted-key overrides applied (values are type-checked)."""
+    if isinstance(overrides, (list, tuple)):
+        overrides = dict(parse_override(o) for o in overrides)
+    data = config_to_dict(cfg)
+    for k, v in overrides.items():
+        _check_key(k)
+        _set_dotted(data, k, v)
+    return config_from_dict(data)
+
+
+def _check_key(key: str) -> None:
+    cls: Any = Config
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        types_ = _field_types(cls)
+        if p not in types_:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"unknown key {key!r}: {p!r} is not in {where}; valid: {', '.join(sorted(types_))}")
+        cls = types_[p]
+        if i < len(parts) - 1 and not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown key {key!r}: {p!r} is not a section")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | list | None = None) -> Config:
+    """Load a YAML preset (with ``base:`` composition) and apply dotted overrides."""
+    data = _read_preset(Path(path)) if path else {}
+    cfg = config_from_dict(data)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    positive = {
+        "model.id_dim": cfg.model.id_dim,
+        "model.exp_dim": cfg.model.exp_dim,
+        "model.decoder_hidden": cfg.model.decoder_hidden,
+        "train.batch_size": cfg.train.batch_size,
+        "train.eval_batch_size": cfg.train.eval_batch_size,
+        "train.eval_every": cfg.train.eval_every,
+        "optim.lr_step_epochs": cfg.optim.lr_step_epochs,
+        "pretrain.batch_size": cfg.pretrain.batch_size,
+    }
+    for k, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{k} must be > 0, got {v}")
+    for k in ("model.width", "model.disc_width"):
+        v = getattr(cfg.model, k.split(".")[1])
+        if not v > 0:
+            raise ConfigError(f"{k} must be > 0, got {v}")
+    if cfg.train.epochs < 0 or cfg.pretrain.epochs < 0:
+        raise ConfigError("train.epochs and pretrain.epochs must be >= 0")
+    if cfg.train.batch_size < 2:
+        raise ConfigError("train.batch_size must be >= 2 (BatchNorm needs more than one sample)")
+    for name in dataclasses.fields(LossConfig):
+        v = getattr(cfg.loss, name.name)
+        if isinstance(v, float) and (v < 0 or v != v):
+            raise ConfigError(f"loss.{name.name} must be a finite number >= 0, got {v}")
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def config_hash(section) -> str:
+    """Stable short hash of a config section (used to key cached artefacts)."""
+    import hashlib
+
+    blob = json.dumps(dataclasses.asdict(section), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
