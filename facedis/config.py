@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,6 +116,8 @@ class FidelityConfig:
     detach_fakes: bool = False
     encoder_only_reencode: bool = False
     reencode_mu: bool = False
+    dense_laplacian: bool = False
+    """Dense V×V Laplacian as in the reference (same values as the sparse one, ~100× the cost)."""
 
 
 @dataclass
@@ -134,6 +137,8 @@ class PretrainConfig:
     use_bn: bool = True
     enabled: bool = True
     """Pretrain the discriminator before joint training (skipped when its artefact already exists)."""
+    seed: int = 0
+    """Seed of the pretraining (part of the artefact key, so runs with different ``train.seed`` share one D)."""
 
 
 @dataclass
@@ -161,6 +166,14 @@ class TrainConfig:
     """Write an error-map image to TensorBoard every N epochs (0 = only at the end)."""
     cpu: bool = False
     """Force CPU even when a GPU is present."""
+    sync_bn: bool = True
+    """Synchronise BatchNorm statistics across processes when the world size is > 1, so a DDP run
+    equals a single-process run with the same global batch (CPU: ``facedis.distributed.GlobalBatchNorm``)."""
+    check_sync: bool = True
+    """With world size > 1, check at every epoch end that all ranks hold identical parameters."""
+    eval_align: Literal["auto", "none", "kabsch"] = "auto"
+    """Rigidly align predictions to the ground truth before measuring (``auto``: Kabsch for bu3dfe only,
+    method-spec §5.1)."""
 
 
 @dataclass
@@ -171,6 +184,8 @@ class RunConfig:
     """Run directory; empty means ``<out_dir>/<name>``."""
     artefact_dir: str = "runs/_artefacts"
     """Where pretrained discriminators are cached (keyed by content hash)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to ``<run dir>/tb``."""
 
     def resolved_dir(self) -> Path:
         return Path(self.dir) if self.dir else Path(self.out_dir) / self.name
@@ -388,9 +403,55 @@ def _check_key(key: str) -> None:
             raise ConfigError(f"unknown key {key!r}: {p!r} is not a section")
 
 
+MODE_KEYS = ("+ne-gt", "-ne-gt", "+id-dis", "-id-dis")
+
+
+def _mode_matches(key: str, cfg: Config) -> bool:
+    """``per_mode`` key such as ``-ne-gt`` or ``-ne-gt+id-dis``: every named switch must match."""
+    parts = re.findall(r"[+-](?:ne-gt|id-dis)", key)
+    if not parts or "".join(parts) != key:
+        raise ConfigError(f"per_mode key {key!r} is not valid; use a combination of {', '.join(MODE_KEYS)}"
+                          " (e.g. '-ne-gt' or '-ne-gt+id-dis')")
+    flags = {"ne-gt": cfg.method.neutral_gt, "id-dis": cfg.method.id_discriminator}
+    return all(flags[p[1:]] == (p[0] == "+") for p in parts)
+
+
+def _apply_per_mode(data: dict, overrides: dict, origin: str) -> dict:
+    """Merge the preset's ``per_mode`` blocks that match the final mode switches (after overrides).
+
+    Single-switch blocks are merged first, then two-switch blocks, in file order; command-line
+    overrides are applied afterwards and always win."""
+    per_mode = data.pop("per_mode", None) or {}
+    if not isinstance(per_mode, dict):
+        raise ConfigError(f"{origin}: per_mode must be a mapping of mode keys to config sections")
+    if not per_mode:
+        return data
+    probe = config_from_dict(data)
+    if overrides:
+        probe = apply_overrides(probe, overrides)
+    blocks = sorted(per_mode.items(), key=lambda kv: len(re.findall(r"[+-]", kv[0])))
+    for key, block in blocks:
+        if not isinstance(block, dict):
+            raise ConfigError(f"{origin}: per_mode[{key!r}] must be a mapping")
+        if _mode_matches(key, probe):
+            data = _deep_merge(data, block)
+    return data
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: dict | list | None = None) -> Config:
-    """Load a YAML preset (with ``base:`` composition) and apply dotted overrides."""
+    """Load a YAML preset (with ``base:`` composition) and apply dotted overrides.
+
+    A preset may hold ``per_mode:`` blocks keyed by mode (``+ne-gt``, ``-ne-gt``, ``+id-dis``,
+    ``-id-dis`` or a combination such as ``-ne-gt+id-dis``). The blocks whose mode matches the
+    final ``method.neutral_gt`` / ``method.id_discriminator`` (after the overrides) are merged into
+    the preset; the overrides are then applied on top, so they always win. This keeps the
+    per-mode hyper-parameters right when a launcher flips a mode with an override. The resolved
+    config has no ``per_mode`` left.
+    """
     data = _read_preset(Path(path)) if path else {}
+    if isinstance(overrides, (list, tuple)):
+        overrides = dict(parse_override(o) for o in overrides)
+    data = _apply_per_mode(data, overrides or {}, str(path))
     cfg = config_from_dict(data)
     if overrides:
         cfg = apply_overrides(cfg, overrides)

@@ -1,0 +1,336 @@
+"""Networks of Gu, Pears & Sun (FG 2023): the PointNet VAE and the pairwise identity discriminator.
+
+Everything here follows method-spec §1. The shapes are constructor arguments; nothing knows
+about devices, distributed training or the config.
+
+- ``DisentanglingVAE``: PointNet encoder (no T-Net) with separate identity and expression
+  latents, and two MLP decoders that predict **offsets from the training mean face**
+  (method-spec §0.1). The encoder sees the *absolute* face in stored units, exactly as the
+  reference does (``vae(true_vertices)``); only the decoders work in offsets.
+- ``IdentityDiscriminator``: PointNet with a 6x6 input T-Net over the per-vertex concatenated
+  pair (B, V, 6) (method-spec §0.2, §1.3). Returns logits; class 1 = same identity.
+
+Point-wise layers can run as the reference's ``Conv1d(k=1)`` on (B, C, V)
+(``pointwise="conv"``) or as ``F.linear`` on the points-major (B*V, C) layout
+(``pointwise="linear"``, about 1.65x faster on CPU). Both paths hold the *same* parameters
+(the weights of an ``nn.Conv1d``, shape (C_out, C_in, 1)), so their state dicts are
+interchangeable and they compute the same function and the same updates (up to fp32
+round-off). BatchNorm statistics are over (batch, points) in both.
+
+Decoder output layout: the 3V vector is viewed as (B, V, 3) row-major, i.e.
+[x0, y0, z0, x1, ...]. The reference views it channel-major ([x0..xV-1, y0.., z0..]); this
+matters only when loading the authors' weights (permute the rows of the last Linear).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+POINTWISE_CHOICES = ("conv", "linear")
+VAE_MODES = ("sample", "mean", "encode")
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Encoding:
+    """Posterior parameters of both latents; ``logvar_*`` are log-variances (std = exp(lv/2))."""
+
+    mu_id: torch.Tensor  # (B, d_id)
+    logvar_id: torch.Tensor  # (B, d_id)
+    mu_exp: torch.Tensor  # (B, d_exp)
+    logvar_exp: torch.Tensor  # (B, d_exp)
+
+
+@dataclass
+class VAEOutput:
+    """One VAE forward. All ``*_offset`` and ``recon`` are offsets from the mean face, (B, V, 3)."""
+
+    recon: torch.Tensor  # id_offset + exp_offset
+    id_offset: torch.Tensor  # Δ_id; predicted identity = mean_face + id_offset
+    exp_offset: torch.Tensor  # Δ_exp
+    mu_id: torch.Tensor  # (B, d_id)
+    logvar_id: torch.Tensor
+    mu_exp: torch.Tensor  # (B, d_exp)
+    logvar_exp: torch.Tensor
+    z_id: torch.Tensor  # the code that was decoded (sampled, or μ in mode="mean")
+    z_exp: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------
+def _check_pointwise(pointwise: str) -> str:
+    if pointwise not in POINTWISE_CHOICES:
+        raise ValueError(f"pointwise={pointwise!r}; valid choices: {POINTWISE_CHOICES}")
+    return pointwise
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+class PointwiseMLP(nn.Module):
+    """Shared per-point layers ``C_0 -> C_1 -> ... -> C_k``, each followed by [BN] + ReLU,
+    then a global max over the points.
+
+    Parameters are stored as ``conv{i}`` (``nn.Conv1d(k=1)``) and ``bn{i}`` (``nn.BatchNorm1d``)
+    in both pointwise modes, so the state dict does not depend on the mode.
+    """
+
+    def __init__(self, channels: list[int], use_bn: bool = True, pointwise: str = "conv"):
+        super().__init__()
+        self.pointwise = _check_pointwise(pointwise)
+        self.use_bn = use_bn
+        self.num_layers = len(channels) - 1
+        for i in range(self.num_layers):
+            setattr(self, f"conv{i + 1}", nn.Conv1d(channels[i], channels[i + 1], 1))
+            if use_bn:
+                setattr(self, f"bn{i + 1}", nn.BatchNorm1d(channels[i + 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, V, C_0) points-major -> pooled features (B, C_k)."""
+        B, V, _ = x.shape
+        if self.pointwise == "conv":
+            h = x.transpose(1, 2)  # (B, C, V), the reference layout
+            for i in range(1, self.num_layers + 1):
+                h = getattr(self, f"conv{i}")(h)
+                if self.use_bn:
+                    h = getattr(self, f"bn{i}")(h)
+                h = F.relu(h)
+            return h.amax(dim=2)
+        h = x.reshape(B * V, -1)  # (B*V, C): the same GEMMs without the transposes
+        for i in range(1, self.num_layers + 1):
+            conv = getattr(self, f"conv{i}")
+            h = F.linear(h, conv.weight.squeeze(-1), conv.bias)
+            if self.use_bn:
+                h = getattr(self, f"bn{i}")(h)  # stats over the B*V rows = over (batch, points)
+            h = F.relu(h)
+        return h.view(B, V, -1).amax(dim=1)
+
+
+class MLPDecoder(nn.Module):
+    """``Linear(d, hidden) -> ReLU -> Linear(hidden, 3V)``, no output activation (method-spec §1.2)."""
+
+    def __init__(self, latent_dim: int, num_vertices: int, hidden: int = 256):
+        super().__init__()
+        self.num_vertices = num_vertices
+        self.fc1 = nn.Linear(latent_dim, hidden)
+        self.fc2 = nn.Linear(hidden, 3 * num_vertices)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, d) -> offsets (B, V, 3), row-major."""
+        return self.fc2(F.relu(self.fc1(z))).view(z.shape[0], self.num_vertices, 3)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """z = μ + exp(logvar/2)·ε, ε ~ N(0, I); one ``randn`` per call like ``Normal.rsample``."""
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------
+class DisentanglingVAE(nn.Module):
+    """PointNet VAE with identity/expression latents (method-spec §1.1-1.2).
+
+    Args:
+        num_vertices: V (only the decoders' last layers depend on it).
+        id_dim, exp_dim: latent sizes d_id, d_exp.
+        width: multiplier on the encoder widths 64/64/64/128/1024 (1.0 = paper).
+        decoder_hidden: hidden width of both decoders; default ``round(256 * width)``.
+        pointwise: ``"conv"`` (reference layout) or ``"linear"`` (same parameters, faster).
+
+    ``forward(x, mode)`` with ``x`` the absolute face (B, V, 3) in stored units:
+
+    - ``mode="sample"`` (default, the reference's forward, also in eval mode): sample both codes
+      (id first, then exp) and decode them -> ``VAEOutput``.
+    - ``mode="mean"``: decode μ (the reference's ``encoding_eval``) -> ``VAEOutput``.
+    - ``mode="encode"``: the encoder only -> ``Encoding``. Exposed through ``forward`` so that a
+      DDP-wrapped model can run it (``ddp(x, mode="encode")``) without unwrapping.
+    """
+
+    def __init__(
+        self,
+        num_vertices: int,
+        id_dim: int,
+        exp_dim: int,
+        width: float = 1.0,
+        decoder_hidden: Optional[int] = None,
+        pointwise: str = "conv",
+    ):
+        super().__init__()
+        self.num_vertices, self.id_dim, self.exp_dim = num_vertices, id_dim, exp_dim
+        c = [3] + [_scaled(w, width) for w in (64, 64, 64, 128, 1024)]
+        hidden = decoder_hidden if decoder_hidden is not None else _scaled(256, width)
+        # ---- encoder ----
+        self.encoder = PointwiseMLP(c, use_bn=True, pointwise=pointwise)
+        self.fc_id_mu = nn.Linear(c[-1], id_dim)
+        self.fc_id_logvar = nn.Linear(c[-1], id_dim)
+        self.fc_exp_mu = nn.Linear(c[-1], exp_dim)
+        self.fc_exp_logvar = nn.Linear(c[-1], exp_dim)
+        # ---- decoders ----
+        self.id_decoder = MLPDecoder(id_dim, num_vertices, hidden)
+        self.exp_decoder = MLPDecoder(exp_dim, num_vertices, hidden)
+
+    @property
+    def pointwise(self) -> str:
+        return self.encoder.pointwise
+
+    def set_pointwise(self, pointwise: str) -> None:
+        """Switch conv/linear in place (parameters are shared, nothing is copied)."""
+        self.encoder.pointwise = _check_pointwise(pointwise)
+
+    def encode(self, x: torch.Tensor) -> Encoding:
+        """x (B, V, 3) absolute face -> ``Encoding`` (μ and log-variance of both latents)."""
+        f = self.encoder(x)  # (B, 1024)
+        return Encoding(self.fc_id_mu(f), self.fc_id_logvar(f), self.fc_exp_mu(f), self.fc_exp_logvar(f))
+
+    def decode(self, z_id: torch.Tensor, z_exp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes -> (id_offset, exp_offset), each (B, V, 3)."""
+        return self.id_decoder(z_id), self.exp_decoder(z_exp)
+
+    def forward(self, x: torch.Tensor, mode: str = "sample"):
+        if mode not in VAE_MODES:
+            raise ValueError(f"mode={mode!r}; valid choices: {VAE_MODES}")
+        enc = self.encode(x)
+        if mode == "encode":
+            return enc
+        if mode == "sample":
+            z_id = reparameterize(enc.mu_id, enc.logvar_id)
+            z_exp = reparameterize(enc.mu_exp, enc.logvar_exp)
+        else:
+            z_id, z_exp = enc.mu_id, enc.mu_exp
+        id_offset, exp_offset = self.decode(z_id, z_exp)
+        return VAEOutput(
+            recon=id_offset + exp_offset,
+            id_offset=id_offset,
+            exp_offset=exp_offset,
+            mu_id=enc.mu_id,
+            logvar_id=enc.logvar_id,
+            mu_exp=enc.mu_exp,
+            logvar_exp=enc.logvar_exp,
+            z_id=z_id,
+            z_exp=z_exp,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# discriminator
+# ---------------------------------------------------------------------------------------------
+class _FCStack(nn.Module):
+    """``fc{i}`` Linear layers; every one but the last followed by [BN] + ReLU.
+
+    ``dropout_before_bn`` maps a layer index to a dropout applied after that Linear and before
+    its BN (the reference head's order: Linear -> Dropout -> BN -> ReLU).
+    """
+
+    def __init__(self, channels: list[int], use_bn: bool, dropout_at: dict[int, float] | None = None):
+        super().__init__()
+        self.use_bn = use_bn
+        self.num_layers = len(channels) - 1
+        self.dropout_at = dict(dropout_at or {})
+        for i in range(self.num_layers):
+            setattr(self, f"fc{i + 1}", nn.Linear(channels[i], channels[i + 1]))
+            if use_bn and i < self.num_layers - 1:
+                setattr(self, f"bn{i + 1}", nn.BatchNorm1d(channels[i + 1]))
+        for i, p in self.dropout_at.items():
+            setattr(self, f"drop{i}", nn.Dropout(p))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i in range(1, self.num_layers + 1):
+            h = getattr(self, f"fc{i}")(h)
+            if i == self.num_layers:
+                break
+            if i in self.dropout_at:
+                h = getattr(self, f"drop{i}")(h)
+            if self.use_bn:
+                h = getattr(self, f"bn{i}")(h)
+            h = F.relu(h)
+        return h
+
+
+class TNet(nn.Module):
+    """Input transform T-Net for k channels: point-wise k->64->128->1024, max, FC 1024->512->256->k²,
+    plus the identity (method-spec §1.3). Returns (B, k, k)."""
+
+    def __init__(self, k: int, width: float, use_bn: bool, pointwise: str):
+        super().__init__()
+        self.k = k
+        c = [k] + [_scaled(w, width) for w in (64, 128, 1024)]
+        f = [c[-1], _scaled(512, width), _scaled(256, width), k * k]
+        self.features = PointwiseMLP(c, use_bn=use_bn, pointwise=pointwise)
+        self.fc = _FCStack(f, use_bn=use_bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.fc(self.features(x)).view(-1, self.k, self.k)
+        return t + torch.eye(self.k, dtype=t.dtype, device=t.device)
+
+
+class IdentityDiscriminator(nn.Module):
+    """Pairwise identity discriminator (method-spec §1.3).
+
+    Args:
+        width: multiplier on all hidden widths (1.0 = paper).
+        use_bn: BatchNorm after every point-wise and hidden FC layer **and** dropout in the head,
+            for the whole network, T-Net included (the reference's single switch). Without it
+            there is no BN and no dropout at all, and no BN parameters exist.
+        dropout: head dropout probability (only with ``use_bn``).
+        pointwise: ``"conv"`` or ``"linear"`` (same parameters).
+
+    ``forward(pair)``: pair (B, V, 6) = ``cat([X, Y], dim=-1)`` in absolute stored units, any V.
+    Returns logits (B, 2); class 1 = same identity / real. (The reference returns log_softmax
+    and applies cross-entropy on top; that equals CE on the logits.)
+    """
+
+    def __init__(self, width: float = 1.0, use_bn: bool = False, dropout: float = 0.5, pointwise: str = "conv"):
+        super().__init__()
+        self.use_bn = use_bn
+        self.tnet = TNet(6, width, use_bn, pointwise)
+        c = [6] + [_scaled(w, width) for w in (64, 128, 1024)]
+        self.features = PointwiseMLP(c, use_bn=use_bn, pointwise=pointwise)
+        h = [c[-1], _scaled(512, width), _scaled(256, width), 2]
+        self.head = _FCStack(h, use_bn=use_bn, dropout_at={2: dropout} if use_bn else None)
+
+    @property
+    def pointwise(self) -> str:
+        return self.features.pointwise
+
+    def set_pointwise(self, pointwise: str) -> None:
+        self.features.pointwise = _check_pointwise(pointwise)
+        self.tnet.features.pointwise = self.features.pointwise
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        """pair (B, V, 6) -> logits (B, 2)."""
+        t = self.tnet(pair)  # (B, 6, 6)
+        x = torch.bmm(pair, t)  # (B, V, 6)
+        return self.head(self.features(x))
+
+    def load_pretrained(self, state_dict: dict) -> list[str]:
+        """Load a pretrained D, dropping BatchNorm entries this D does not have (a D pretrained
+        with ``use_bn=True`` loaded into one without BN, the reference's default, method-spec §0.3).
+
+        Any other missing or unexpected key raises. Returns the dropped keys.
+        """
+        own = self.state_dict()
+        dropped = [k for k in state_dict if k not in own]
+        bad = [k for k in dropped if not _is_bn_key(k)]
+        missing = [k for k in own if k not in state_dict]
+        if bad or missing:
+            raise KeyError(f"discriminator state dict mismatch: unexpected={bad}, missing={missing}")
+        self.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=True)
+        return dropped
+
+
+def _is_bn_key(key: str) -> bool:
+    return key.split(".")[-2].startswith("bn") if "." in key else False
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameter elements."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
