@@ -1,0 +1,152 @@
+"""Named experiment grids, as data.
+
+A grid maps a name to a list of entries ``(config path, overrides)`` or
+``(config path, overrides, label)``. Config paths are relative to the repository root; overrides
+are dotted keys of :class:`facedis.config.Config`. The label names the run directory
+``runs/<grid>/<label>/seed<k>/``; without one it is derived from the config file name and the
+override values (see :func:`entry_label`).
+
+``sweep:<dir>`` is a grid too: every ``best*.yaml`` in ``<dir>`` (the best configs written by
+``sweeps/tune.py``; every ``*.yaml`` if there is no ``best*.yaml``) is one entry, labelled by its
+file stem.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The two switches of the paper's ablation (Table IV). Adjust here if the config keys move.
+NEUTRAL_GT_KEY = "method.neutral_gt"
+ID_DISCRIMINATOR_KEY = "method.id_discriminator"
+
+
+def _ablation(datasets=("coma", "bu3dfe", "facescape")) -> list[tuple[str, dict, str]]:
+    out = []
+    for ds in datasets:
+        for ne_gt in (False, True):
+            for id_dis in (False, True):
+                label = f"{ds}{'+' if ne_gt else '-'}ne-gt{'+' if id_dis else '-'}id-dis"
+                out.append((f"configs/{ds}.yaml", {NEUTRAL_GT_KEY: ne_gt, ID_DISCRIMINATOR_KEY: id_dis}, label))
+    return out
+
+
+GRIDS: dict[str, list[tuple]] = {
+    # Table IV: 3 data sets x (+/- neutral GT) x (+/- identity discriminator) = 12 configs.
+    "ablation": _ablation(),
+    # Tables I-III "Ours" and "Ours+ne-gt" (with identity discriminator).
+    "paper": [
+        (f"configs/{ds}.yaml", {NEUTRAL_GT_KEY: ne_gt, ID_DISCRIMINATOR_KEY: True},
+         f"{ds}{'+' if ne_gt else '-'}ne-gt+id-dis")
+        for ds in ("coma", "bu3dfe", "facescape") for ne_gt in (False, True)
+    ],
+    # The ablation on the synthetic CPU demo data set (runs on a laptop).
+    "synth-ablation": _ablation(("synth",)),
+}
+
+
+@dataclass(frozen=True)
+class GridEntry:
+    config: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def entry_label(config: str | Path, overrides: dict[str, Any]) -> str:
+    """``configs/coma.yaml`` + ``{"method.neutral_gt": True}`` -> ``coma--neutral_gt=true``."""
+    stem = Path(config).stem
+    if not overrides:
+        return stem
+    parts = [f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in overrides.items()]
+    return _SAFE.sub("_", stem + "--" + ",".join(parts)).replace(",", "_")
+
+
+def _check_label(label: str) -> str:
+    if not label or label in (".", "..") or "/" in label or label.startswith((".", "_")):
+        raise ValueError(f"bad grid entry label {label!r}: must be a plain directory name not starting with '.' or '_'")
+    return label
+
+
+def _entries(raw: list[tuple], root: Path) -> list[GridEntry]:
+    out = []
+    for item in raw:
+        config, overrides, *rest = item
+        label = rest[0] if rest else entry_label(config, overrides)
+        path = Path(config)
+        out.append(GridEntry((path if path.is_absolute() else root / path), dict(overrides), _check_label(label)))
+    return out
+
+
+def resolve_grid(spec: str, root: Path = REPO_ROOT) -> tuple[str, list[GridEntry]]:
+    """A grid name or ``sweep:<dir>`` -> (grid directory name, entries).
+
+    Raises ``ValueError`` for an unknown name, a missing sweep directory or duplicate labels.
+    """
+    if spec.startswith("sweep:"):
+        d = Path(spec[len("sweep:"):]).expanduser()
+        if not d.is_dir():
+            raise ValueError(f"--grid {spec}: {d} is not a directory")
+        files = sorted(list(d.glob("*.yaml")) + list(d.glob("*.yml")))
+        best = [f for f in files if f.name.startswith("best")]
+        files = best or files  # sweeps/tune.py writes best<k>-<trial>.yaml next to other files
+        if not files:
+            raise ValueError(f"--grid {spec}: no *.yaml files in {d}")
+        entries = [GridEntry(f.resolve(), {}, _check_label(f.stem)) for f in files]
+        name = "sweep-" + (d.resolve().name or "best")
+    elif spec in GRIDS:
+        name, entries = spec, _entries(GRIDS[spec], root)
+    else:
+        raise ValueError(f"unknown grid {spec!r}; named grids: {', '.join(sorted(GRIDS))}, or sweep:<dir>")
+    labels = [e.label for e in entries]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"grid {spec!r} has duplicate entry labels {dup}; give them explicit labels")
+    return name, entries
+
+
+def apply_grid_modes(configs: list[str | Path], spec: str, root: Path = REPO_ROOT) -> list[GridEntry]:
+    """``--config my.yaml --grid ablation``: the grid's distinct override sets applied to each given config.
+
+    Labels keep the grid's mode suffix with the config's stem in front (``coma-ne-gt+id-dis`` ->
+    ``my-ne-gt+id-dis``).
+    """
+    if spec.startswith("sweep:"):
+        raise ValueError("--grid sweep:<dir> holds complete configs; do not combine it with --config")
+    _, entries = resolve_grid(spec, root)
+    modes: list[GridEntry] = []
+    for e in entries:
+        if all(e.overrides != m.overrides for m in modes):
+            modes.append(e)
+    out = []
+    for c in configs:
+        stem = Path(c).stem
+        for m in modes:
+            base = m.config.stem
+            label = stem + m.label[len(base):] if m.label.startswith(base) else f"{stem}--{m.label}"
+            out.append(GridEntry(Path(c).resolve(), dict(m.overrides), _check_label(label)))
+    labels = [e.label for e in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate run labels {labels}")
+    return out
+
+
+def configs_as_grid(configs: list[str | Path]) -> list[GridEntry]:
+    """Plain ``--config a.yaml b.yaml`` -> one entry per file, labelled by its stem."""
+    entries = [GridEntry(Path(c).resolve(), {}, _check_label(Path(c).stem)) for c in configs]
+    labels = [e.label for e in entries]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"config files with the same name {labels}; use a grid with explicit labels")
+    return entries

@@ -1,0 +1,114 @@
+"""Show each run of a grid: its job's scheduler state and its last metrics.
+
+    python launch/status.py runs/ablation
+    python launch/status.py runs/ablation --json
+
+The job of a run is the last one recorded for its directory in ``<grid>/.launch/jobs.jsonl``
+(written by ``launch/submit.py``); its state comes from ``sacct`` through submitit. The metrics are
+the last line of the run's ``metrics.jsonl``; ``finished`` means ``metrics.json`` exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launch.submit import job_state, latest_jobs  # noqa: E402
+
+SHOW = ("epoch", "E_rec_mean", "E_dis_ref_mean", "E_dis_vstd_mean", "AVD_neu_mean")
+
+
+def last_jsonl(path: Path) -> dict | None:
+    """Last complete JSON line of a file (a line being written is ignored)."""
+    if not path.is_file():
+        return None
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+def run_dirs(grid_dir: Path) -> list[Path]:
+    """``<grid>/<label>/seed<k>`` directories (labels starting with ``.`` or ``_`` are not runs)."""
+    out = []
+    for label in sorted(p for p in grid_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        out += sorted((p for p in label.iterdir() if p.is_dir() and p.name.startswith("seed")),
+                      key=lambda p: (len(p.name), p.name))
+    return out
+
+
+def collect(grid_dir: Path, query_scheduler: bool = True) -> list[dict]:
+    grid_dir = Path(grid_dir).resolve()
+    jobs = latest_jobs(grid_dir)
+    dirs = {str(p.resolve()) for p in run_dirs(grid_dir)} if grid_dir.is_dir() else set()
+    dirs |= set(jobs)
+    rows = []
+    for d in sorted(dirs):
+        p = Path(d)
+        rec = jobs.get(d)
+        last = last_jsonl(p / "metrics.jsonl")
+        row = {
+            "run": str(p.relative_to(grid_dir)) if p.is_relative_to(grid_dir) else d,
+            "run_dir": d,
+            "job_id": rec["job_id"] if rec else None,
+            "cluster": rec.get("cluster") if rec else None,
+            "state": (job_state(rec) if query_scheduler else "?") if rec else "-",
+            "finished": (p / "metrics.json").is_file(),
+            "last": last,
+        }
+        rows.append(row)
+    return rows
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def render(rows: list[dict]) -> str:
+    head = ["run", "job", "state", "finished", *SHOW]
+    table = [head]
+    for r in rows:
+        last = r["last"] or {}
+        table.append([r["run"], _fmt(r["job_id"]), r["state"], "yes" if r["finished"] else "no",
+                      *(_fmt(last.get(k)) for k in SHOW)])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    done = sum(r["finished"] for r in rows)
+    lines.append(f"{done}/{len(rows)} finished")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("grid_dir", type=Path, help="runs/<grid>")
+    p.add_argument("--json", action="store_true", help="one JSON object per run")
+    p.add_argument("--no-scheduler", action="store_true", help="do not call sacct (files only)")
+    args = p.parse_args(argv)
+    if not args.grid_dir.is_dir():
+        print(f"{args.grid_dir}: no such directory", file=sys.stderr)
+        return 2
+    rows = collect(args.grid_dir, query_scheduler=not args.no_scheduler)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, sort_keys=True))
+    else:
+        print(render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Submit training runs to Slurm (or locally) with submitit: one job per (config, seed).
+
+    python launch/submit.py --config configs/coma.yaml --seeds 0 1 2 \\
+        --nodes 1 --gpus-per-node 4 --partition gpu --time 24:00:00
+    python launch/submit.py --grid ablation --seeds 0 1 2 --gpus-per-node 1 --partition gpu --time 12:00:00
+    python launch/submit.py --grid sweep:sweeps/results/coma/best --seeds 0 1 2 ...
+    python launch/submit.py --config configs/synth.yaml --seeds 0 --cluster local --gpus-per-node 0
+
+Runs land in ``<runs-root>/<grid>/<label>/seed<k>/`` (``cfg.run.dir``); submitit logs in
+``<runs-root>/<grid>/.submitit/``; every submission is appended to
+``<runs-root>/<grid>/.launch/jobs.jsonl`` (read by ``launch/status.py``). All (config, seed) runs
+of one call go out as one job array. Finished runs (``metrics.json`` present) and runs whose
+last job is still queued or running are skipped, so resubmitting a grid completes it.
+
+Jobs are checkpointable: on preemption/timeout submitit requeues them and the engine resumes from
+``<run.dir>/checkpoints/last``. Multi-GPU/multi-node jobs run one task per GPU under DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import submitit  # noqa: E402
+
+from launch.grids import GridEntry, apply_grid_modes, configs_as_grid, resolve_grid  # noqa: E402
+from launch.job import RunSpec, TrainJob, probe_distributed, read_final_metrics  # noqa: E402
+
+# Values written into the sbatch script by submitit must be plain tokens (no spaces, quotes, newlines).
+_SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.,:@%+=/\[\]-]+$")
+IN_FLIGHT = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+             "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "READY", "SIGNALING", "STAGE_OUT"}
+
+
+def safe_token(value: str, what: str) -> str:
+    value = str(value)
+    if not _SAFE_TOKEN.match(value):
+        raise ValueError(f"{what}={value!r}: only letters, digits and _.,:@%+=/[]- are allowed")
+    return value
+
+
+def parse_time(text: str) -> int:
+    """Slurm time ``[D-]HH:MM:SS``, ``[D-]HH:MM``, ``MM:SS``, ``MM`` or ``D-HH`` -> minutes (rounded up)."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad --time {text!r}; use HH:MM:SS or D-HH:MM:SS")
+    days, a, b, c = m.groups()
+    days = int(days or 0)
+    if c is not None:
+        secs = int(a) * 3600 + int(b) * 60 + int(c)
+    elif b is not None:
+        secs = int(a) * 3600 + int(b) * 60 if days else int(a) * 60 + int(b)
+    else:
+        secs = int(a) * 3600 if days else int(a) * 60
+    total = days * 86400 + secs
+    if total <= 0:
+        raise argparse.ArgumentTypeError(f"--time {text!r} must be positive")
+    return max(1, math.ceil(total / 60))
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected key=value")
+    k, v = text.split("=", 1)
+    return k.strip(), v
+
+
+# --------------------------------------------------------------------------------------------
+# planning
+
+
+def _absolutise(cfg, cwd: Path):
+    """Relative data/artefact paths are relative to the submission directory, wherever the job starts."""
+    from facedis.config import apply_overrides
+
+    fix = {}
+    for key, value in (("data.root", cfg.data.root), ("run.artefact_dir", cfg.run.artefact_dir)):
+        if value and not Path(value).is_absolute():
+            fix[key] = str((cwd / value).resolve())
+    return apply_overrides(cfg, fix) if fix else cfg
+
+
+def plan_runs(entries: list[GridEntry], grid: str, seeds: Sequence[int], runs_root: Path,
+              common: Sequence[str] = ()) -> list[RunSpec]:
+    """Resolve every (entry, seed) into a validated config with its run directory (no I/O besides reading YAML)."""
+    from facedis.config import apply_overrides, load_config, parse_override
+
+    cwd = Path.cwd()
+    common_kv = dict(parse_override(o) for o in common)
+    specs = []
+    for e in entries:
+        for seed in seeds:
+            run_dir = (runs_root / grid / e.label / f"seed{seed}").resolve()
+            overrides = {**e.overrides, **common_kv}
+            cfg = load_config(e.config, overrides=overrides)
+            cfg = apply_overrides(cfg, {"train.seed": int(seed), "run.dir": str(run_dir),
+                                        "run.name": f"{grid}/{e.label}/seed{seed}"})
+            cfg = _absolutise(cfg, cwd)
+            specs.append(RunSpec(grid, e.label, int(seed), str(run_dir), str(e.config), overrides, cfg))
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# manifest (what was submitted where)
+
+
+def manifest_path(grid_dir: Path) -> Path:
+    return grid_dir / ".launch" / "jobs.jsonl"
+
+
+def read_manifest(grid_dir: Path) -> list[dict]:
+    p = manifest_path(grid_dir)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def latest_jobs(grid_dir: Path) -> dict[str, dict]:
+    """run_dir -> the last manifest record for it."""
+    last: dict[str, dict] = {}
+    for rec in read_manifest(grid_dir):
+        last[rec["run_dir"]] = rec
+    return last
+
+
+def _append_manifest(grid_dir: Path, records: list[dict]) -> None:
+    p = manifest_path(grid_dir)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+
+
+def job_state(rec: dict) -> str:
+    """Scheduler state of a manifest record's job (``sacct`` via submitit for Slurm)."""
+    if rec.get("cluster") == "slurm":
+        try:
+            return submitit.SlurmJob(folder=rec["folder"], job_id=str(rec["job_id"])).state
+        except Exception as e:  # sacct missing / unreachable
+            return f"UNKNOWN ({type(e).__name__})"
+    return "UNKNOWN"
+
+
+# --------------------------------------------------------------------------------------------
+# executor
+
+
+def make_executor(folder: Path, cluster: str = "slurm", *, nodes: int = 1, gpus_per_node: int = 0,
+                  tasks_per_node: int | None = None, cpus_per_task: int | None = None,
+                  mem_gb: float | None = None, partition: str | None = None, timeout_min: int = 60,
+                  signal_delay_s: int = 120, array_parallelism: int = 256, max_timeouts: int = 3,
+                  job_name: str = "facedis", slurm_extra: dict[str, str] | None = None) -> submitit.AutoExecutor:
+    """A submitit executor for one task per GPU (or ``tasks_per_node`` CPU processes) per node."""
+    if cluster not in ("slurm", "local", "debug"):
+        raise ValueError(f"cluster must be slurm, local or debug, got {cluster!r}")
+    tasks = tasks_per_node or max(1, gpus_per_node)
+    if gpus_per_node and tasks != gpus_per_node:
+        raise ValueError(f"one task per GPU: tasks_per_node={tasks} but gpus_per_node={gpus_per_node}")
+    kwargs: dict[str, Any] = {"cluster": cluster}
+    if cluster == "slurm":
+        kwargs["slurm_max_num_timeout"] = max_timeouts
+    ex = submitit.AutoExecutor(folder=str(folder), **kwargs)
+    params: dict[str, Any] = {
+        "name": safe_token(job_name, "job name"),
+        "timeout_min": int(timeout_min),
+        "nodes": int(nodes),
+        "tasks_per_node": int(tasks),
+        "cpus_per_task": int(cpus_per_task or (8 if gpus_per_node else 1)),
+    }
+    if gpus_per_node:
+        params["gpus_per_node"] = int(gpus_per_node)
+    if mem_gb:
+        params["mem_gb"] = mem_gb
+    if cluster == "slurm":
+        if partition is not None:
+            params["slurm_partition"] = safe_token(partition, "partition")
+        params["slurm_signal_delay_s"] = int(signal_delay_s)
+        params["slurm_array_parallelism"] = int(array_parallelism)
+        for k, v in (slurm_extra or {}).items():
+            name = safe_token(k, "--slurm key").replace("-", "_")
+            params[f"slurm_{name}"] = safe_token(v, f"--slurm {k}")
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit_specs(ex: submitit.AutoExecutor, specs: list[RunSpec], *, cpu: bool, threads: int | None) -> list:
+    """Submit all runs as one job array (``map_array``); returns the submitit jobs in ``specs`` order."""
+    if not specs:
+        return []
+    fn = TrainJob(cpu=cpu, threads=threads)
+    if len(specs) == 1:
+        return [ex.submit(fn, specs[0])]
+    return list(ex.map_array(fn, specs))
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    g = p.add_argument_group("what to run")
+    g.add_argument("--config", nargs="+", default=[], help="config preset(s); with --grid, the grid's modes are applied to each")
+    g.add_argument("--grid", help="named grid (see launch/grids.py: ablation, paper, synth-ablation) or sweep:<dir>")
+    g.add_argument("--grid-name", help="directory under --runs-root (default: the grid name, or the config's stem)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied to every run, e.g. --set train.epochs=10 (repeatable)")
+    g.add_argument("--runs-root", default="runs", help="root of the run directories (default: runs)")
+    r = p.add_argument_group("resources")
+    r.add_argument("--cluster", choices=["slurm", "local", "debug"], default="slurm")
+    r.add_argument("--nodes", type=int, default=1)
+    r.add_argument("--gpus-per-node", type=int, default=1, help="one task per GPU; 0 = CPU (ACCELERATE_USE_CPU=true)")
+    r.add_argument("--tasks-per-node", type=int, help="CPU only: processes per node (default 1; with GPUs = gpus-per-node)")
+    r.add_argument("--cpus-per-task", type=int, help="default 8 with GPUs, 1 on CPU")
+    r.add_argument("--mem-gb", type=float, help="memory per node")
+    r.add_argument("--partition", help="Slurm partition")
+    r.add_argument("--time", type=parse_time, default=parse_time("04:00:00"), metavar="HH:MM:SS",
+                   help="wall-time limit per job (default 04:00:00); jobs requeue themselves on timeout")
+    r.add_argument("--signal-delay-s", type=int, default=120, help="USR2 this many seconds before the limit (checkpoint + requeue)")
+    r.add_argument("--max-timeouts", type=int, default=3, help="requeues after timeouts before giving up (preemptions do not count)")
+    r.add_argument("--array-parallelism", type=int, default=256, help="max simultaneously running array tasks")
+    r.add_argument("--slurm", dest="slurm_extra", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="any other submitit slurm_* parameter, e.g. --slurm account=abc --slurm qos=high")
+    b = p.add_argument_group("behaviour")
+    b.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
+                   help="wait for the jobs and print their results (default: yes for local/debug, no for slurm)")
+    b.add_argument("--force", action="store_true", help="submit even if the run's last job is still queued/running")
+    b.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
+    b.add_argument("--probe", action="store_true",
+                   help="instead of training, submit one job with these resources that checks the DDP environment")
+    return p
+
+
+def _entries_from_args(args) -> tuple[str, list[GridEntry]]:
+    if args.grid and args.config:
+        entries = apply_grid_modes(args.config, args.grid)
+        name = args.grid_name or f"{args.grid}-{'+'.join(Path(c).stem for c in args.config)}"
+    elif args.grid:
+        name, entries = resolve_grid(args.grid)
+        name = args.grid_name or name
+    elif args.config:
+        entries = configs_as_grid(args.config)
+        name = args.grid_name or "+".join(e.label for e in entries)
+    else:
+        raise SystemExit("give --config and/or --grid")
+    return safe_token(name, "grid name"), entries
+
+
+def wait_for(jobs: list, specs: list[RunSpec]) -> int:
+    """Block until every job ends; print one line per run; return the number of failed runs."""
+    import pdb
+
+    failed = 0
+    post_mortem = pdb.post_mortem
+    if not sys.stdin.isatty():  # the debug executor opens pdb on errors: not without a terminal
+        pdb.post_mortem = lambda *a, **k: None
+    try:
+        failed = _wait_all(jobs, specs)
+    finally:
+        pdb.post_mortem = post_mortem
+    return failed
+
+
+def _wait_all(jobs: list, specs: list[RunSpec]) -> int:
+    failed = 0
+    for job, spec in zip(jobs, specs):
+        try:
+            res = job.result()
+            if isinstance(res, list):  # multi-task job: rank 0 first
+                res = res[0]
+            keys = {k: res[k] for k in ("E_rec_mean", "E_dis_ref_mean", "AVD_neu_mean") if isinstance(res, dict) and k in res}
+            print(f"done    {spec.key}  job {job.job_id}  {keys}")
+        except Exception as e:  # FailedJobError, UncompletedJobError
+            failed += 1
+            msg = str(e).strip().splitlines()
+            print(f"FAILED  {spec.key}  job {job.job_id}: {msg[-1] if msg else type(e).__name__}")
+    return failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.gpus_per_node < 0 or args.nodes < 1:
+        raise SystemExit("--nodes must be >= 1 and --gpus-per-node >= 0")
+    if args.gpus_per_node and args.tasks_per_node and args.tasks_per_node != args.gpus_per_node:
+        raise SystemExit("with GPUs there is one task per GPU; drop --tasks-per-node")
+    cpu = args.gpus_per_node == 0
+    runs_root = Path(args.runs_root).resolve()
+    wait = args.wait if args.wait is not None else args.cluster != "slurm"
+
+    if args.probe:
+        folder = runs_root / "_probe" / ".submitit" / "%j"
+        ex = make_executor(folder, args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                           tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task or 1,
+                           mem_gb=args.mem_gb, partition=args.partition, timeout_min=min(args.time, 15),
+                           job_name="facedis-probe", slurm_extra=dict(args.slurm_extra))
+        job = ex.submit(probe_distributed, cpu)
+        print(f"probe job {job.job_id}; waiting ...", flush=True)
+        results = job.results()
+        for r in results:
+            print(json.dumps(r, sort_keys=True))
+        return 0
+
+    grid, entries = _entries_from_args(args)
+    specs = plan_runs(entries, grid, args.seeds, runs_root, args.overrides)
+    grid_dir = runs_root / grid
+    last = latest_jobs(grid_dir)
+    todo, skipped = [], []
+    for s in specs:
+        if read_final_metrics(s.run_dir) is not None:
+            skipped.append((s, "finished (metrics.json exists)"))
+            continue
+        rec = last.get(s.run_dir)
+        if rec and not args.force and rec.get("cluster") == "slurm" and args.cluster == "slurm":
+            state = job_state(rec)
+            if state.split()[0] in IN_FLIGHT:
+                skipped.append((s, f"job {rec['job_id']} is {state}"))
+                continue
+        todo.append(s)
+
+    print(f"grid {grid}: {len(specs)} runs ({len(entries)} configs x {len(args.seeds)} seeds) -> {grid_dir}")
+    for s, why in skipped:
+        print(f"skip    {s.key}: {why}")
+    if args.dry_run:
+        for s in todo:
+            print(f"would   {s.key}  {s.config_path}  {s.overrides}")
+        return 0
+    if not todo:
+        print("nothing to submit")
+        return 0
+
+    for s in todo:  # the run directory exists from submission on, so never-started runs are visible
+        Path(s.run_dir).mkdir(parents=True, exist_ok=True)
+    folder = grid_dir / ".submitit" / "%j"
+    ex = make_executor(folder, args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                       tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
+                       partition=args.partition, timeout_min=args.time, signal_delay_s=args.signal_delay_s,
+                       array_parallelism=args.array_parallelism, max_timeouts=args.max_timeouts,
+                       job_name=f"facedis-{grid}", slurm_extra=dict(args.slurm_extra))
+    threads = args.cpus_per_task or (None if args.gpus_per_node else 1)
+    jobs = submit_specs(ex, todo, cpu=cpu, threads=threads)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    _append_manifest(grid_dir, [{
+        "time": now, "cluster": args.cluster, "job_id": str(j.job_id), "folder": str(folder),
+        "run_dir": s.run_dir, "label": s.label, "seed": s.seed, "config": s.config_path,
+        "overrides": s.overrides, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
+        "tasks_per_node": args.tasks_per_node or max(1, args.gpus_per_node),
+    } for j, s in zip(jobs, todo)])
+    for j, s in zip(jobs, todo):
+        print(f"submit  {s.key}  job {j.job_id}  -> {s.run_dir}")
+    print(f"logs: {grid_dir / '.submitit'}   status: python launch/status.py {grid_dir}")
+    if wait:
+        return 1 if wait_for(jobs, todo) else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
