@@ -416,26 +416,42 @@ def _mode_matches(key: str, cfg: Config) -> bool:
     return all(flags[p[1:]] == (p[0] == "+") for p in parts)
 
 
-def _apply_per_mode(data: dict, overrides: dict, origin: str) -> dict:
-    """Merge the preset's ``per_mode`` blocks that match the final mode switches (after overrides).
-
-    Single-switch blocks are merged first, then two-switch blocks, in file order; command-line
-    overrides are applied afterwards and always win."""
+def _read_layers(path: Path, seen: tuple = ()) -> list[tuple[dict, dict, str]]:
+    """The preset and its ``base:`` chain as layers ``(data, per_mode, file)``, parents first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular 'base:' chain {[str(s) for s in seen]}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    bases = data.pop("base", None)
     per_mode = data.pop("per_mode", None) or {}
-    if not isinstance(per_mode, dict):
-        raise ConfigError(f"{origin}: per_mode must be a mapping of mode keys to config sections")
-    if not per_mode:
-        return data
-    probe = config_from_dict(data)
-    if overrides:
-        probe = apply_overrides(probe, overrides)
-    blocks = sorted(per_mode.items(), key=lambda kv: len(re.findall(r"[+-]", kv[0])))
-    for key, block in blocks:
-        if not isinstance(block, dict):
-            raise ConfigError(f"{origin}: per_mode[{key!r}] must be a mapping")
-        if _mode_matches(key, probe):
-            data = _deep_merge(data, block)
-    return data
+    if not isinstance(per_mode, dict) or not all(isinstance(v, dict) for v in per_mode.values()):
+        raise ConfigError(f"{path}: per_mode must map mode keys (e.g. '-ne-gt') to config sections")
+    layers: list = []
+    for b in [bases] if isinstance(bases, str) else (bases or []):
+        layers += _read_layers(path.parent / b, seen + (path.resolve(),))
+    return layers + [(data, per_mode, str(path))]
+
+
+def _merge_layers(layers, probe: Config | None) -> dict:
+    """Merge the layers in order; with ``probe`` (the final mode), each layer's matching per_mode
+    blocks (single-switch keys first, then combinations) are merged right after that layer, so a
+    later preset's explicit values still win over an earlier preset's per_mode blocks."""
+    merged: dict = {}
+    for data, per_mode, _ in layers:
+        merged = _deep_merge(merged, data)
+        if probe is None:
+            continue
+        for key, block in sorted(per_mode.items(), key=lambda kv: len(re.findall(r"[+-]", kv[0]))):
+            if _mode_matches(key, probe):
+                merged = _deep_merge(merged, block)
+    return merged
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict | list | None = None) -> Config:
@@ -445,13 +461,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | list | 
     ``-id-dis`` or a combination such as ``-ne-gt+id-dis``). The blocks whose mode matches the
     final ``method.neutral_gt`` / ``method.id_discriminator`` (after the overrides) are merged into
     the preset; the overrides are then applied on top, so they always win. This keeps the
-    per-mode hyper-parameters right when a launcher flips a mode with an override. The resolved
+    per-mode hyper-parameters right when a launcher flips a mode with an override. A layer's
+    blocks are merged right after that layer, so presets that build on it still win. The resolved
     config has no ``per_mode`` left.
     """
-    data = _read_preset(Path(path)) if path else {}
     if isinstance(overrides, (list, tuple)):
         overrides = dict(parse_override(o) for o in overrides)
-    data = _apply_per_mode(data, overrides or {}, str(path))
+    data: dict = {}
+    if path:
+        layers = _read_layers(Path(path))
+        data = _merge_layers(layers, None)
+        if any(pm for _, pm, _ in layers):
+            probe = config_from_dict(data)
+            if overrides:
+                probe = apply_overrides(probe, overrides)
+            data = _merge_layers(layers, probe)
     cfg = config_from_dict(data)
     if overrides:
         cfg = apply_overrides(cfg, overrides)

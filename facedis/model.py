@@ -12,7 +12,9 @@ about devices, distributed training or the config.
 
 Point-wise layers can run as the reference's ``Conv1d(k=1)`` on (B, C, V)
 (``pointwise="conv"``) or as ``F.linear`` on the points-major (B*V, C) layout
-(``pointwise="linear"``, about 1.65x faster on CPU). Both paths hold the *same* parameters
+(``pointwise="linear"``, about 1.65x faster on CPU), or as ``linear`` with the widest (last)
+layer fused with its BN, ReLU and the max-pool (``pointwise="fused"``, ``_FusedPointwiseMax``:
+no (B*V, 1024) feature map is materialised and its backward needs no GEMM). All paths hold the *same* parameters
 (the weights of an ``nn.Conv1d``, shape (C_out, C_in, 1)), so their state dicts are
 interchangeable and they compute the same function and the same updates (up to fp32
 round-off). BatchNorm statistics are over (batch, points) in both.
@@ -30,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-POINTWISE_CHOICES = ("conv", "linear")
+POINTWISE_CHOICES = ("conv", "linear", "fused")
 VAE_MODES = ("sample", "mean", "encode")
 
 
@@ -105,13 +107,196 @@ class PointwiseMLP(nn.Module):
                 h = F.relu(h)
             return h.amax(dim=2)
         h = x.reshape(B * V, -1)  # (B*V, C): the same GEMMs without the transposes
-        for i in range(1, self.num_layers + 1):
+        fused = self.pointwise == "fused" and self.num_layers >= 1
+        last = self.num_layers - 1 if fused else self.num_layers
+        for i in range(1, last + 1):
             conv = getattr(self, f"conv{i}")
             h = F.linear(h, conv.weight.squeeze(-1), conv.bias)
             if self.use_bn:
                 h = getattr(self, f"bn{i}")(h)  # stats over the B*V rows = over (batch, points)
             h = F.relu(h)
+        if fused:  # the widest layer: Linear + [BN] + ReLU + max without the (B*V, C_k) map
+            k = self.num_layers
+            bn = getattr(self, f"bn{k}") if self.use_bn else None
+            return fused_pointwise_max(h, B, V, getattr(self, f"conv{k}"), bn)
         return h.view(B, V, -1).amax(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused last point-wise layer: Linear -> [BN] -> ReLU -> max over points
+# ---------------------------------------------------------------------------------------------
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The GEMM dtype the standard path would use: the autocast dtype when autocast is on for
+    x's device (and x is floating point fp32/bf16/fp16), else x's own dtype."""
+    dev = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except TypeError:  # old signature
+        enabled = torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()
+    if enabled and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+class _FusedPointwiseMax(torch.autograd.Function):
+    """``max_v ReLU(BN(x W^T + b))`` per sample without materialising (or keeping) the
+    (B·V, C_out) feature map (method-spec §7.3).
+
+    BN in train mode is a per-channel affine map ``a_c·(h - mean_c) + beta_c`` with
+    ``a_c = gamma_c·rstd_c``; ReLU is monotone. So the pooled output only needs the per-sample
+    max of ``sign(gamma_c)·h`` (its arg-max row) and the batch statistics of h, which follow from
+    the (C_in × C_in) covariance of x: mean_h = W·mean_x + b, var_h,c = w_c^T Σ_x w_c.
+    The forward computes the GEMM in chunks of samples and keeps only (B, C_out) maxima and
+    arg-max rows; the backward is exact (train-mode BN backward with a gradient that is sparse
+    in h): a gather/scatter over the arg-max rows plus (C_in × C_in) corrections, no B·V·C_out
+    GEMM at all.
+
+    Ties in the max (measure zero for real inputs; exact duplicates of a whole input row) send the
+    gradient to one row instead of splitting it evenly: the parameter gradients are the same,
+    only the per-row input gradients of the duplicated rows differ.
+    """
+
+    @staticmethod
+    def forward(ctx, x, B, V, weight, bias, gamma, beta, running_mean, running_var, mode, factor, eps,
+                cdtype, chunk_rows):
+        # x (B*V, C_in); weight (C_out, C_in); mode: "none" (no BN), "train", "eval"
+        with torch.autocast(x.device.type, enabled=False):
+            pdt = weight.dtype
+            N = B * V
+            C_out = weight.shape[0]
+            s = None
+            if mode != "none":
+                s = torch.where(gamma >= 0, 1.0, -1.0).to(pdt)
+            ws = weight if s is None else weight * s[:, None]
+            wsc = ws.to(cdtype).t()
+            xc_ = x.to(cdtype)
+            nb = max(1, min(B, chunk_rows // max(V, 1)))
+            maxes, idxs = [], []
+            for b0 in range(0, B, nb):
+                b1 = min(B, b0 + nb)
+                h = torch.mm(xc_[b0 * V:b1 * V], wsc).view(b1 - b0, V, C_out)
+                m, i = h.max(dim=1)
+                maxes.append(m)
+                idxs.append(i)
+                del h
+            mx = torch.cat(maxes).to(pdt)  # (B, C_out): max_v of s·(x W^T), bias not included
+            idx = torch.cat(idxs)  # (B, C_out) row within each sample
+            x32 = x.to(pdt)
+            mu = cov = wcov = rstd = None
+            if mode == "none":
+                pre = mx if bias is None else mx + bias
+                a = None
+            else:
+                h_max = mx * s  # the pre-BN value (without bias) at the arg-max row
+                if mode == "train":
+                    mu = x32.mean(dim=0)  # (C_in,)
+                    xcen = x32 - mu
+                    cov = xcen.t() @ xcen  # (C_in, C_in), = Σ_n (x_n - μ)(x_n - μ)^T
+                    del xcen
+                    wcov = weight @ cov  # (C_out, C_in)
+                    var = (wcov * weight).sum(dim=1) / N  # biased, as BN normalises with it
+                    centred = h_max - (weight @ mu)  # h_r - mean_h (bias cancels)
+                    rstd = torch.rsqrt(var + eps)
+                    if running_mean is not None:
+                        with torch.no_grad():
+                            mean_h = weight @ mu + (bias if bias is not None else 0.0)
+                            running_mean.mul_(1.0 - factor).add_(mean_h.to(running_mean.dtype), alpha=factor)
+                            unbiased = var * (N / max(N - 1, 1))
+                            running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+                else:  # eval: running statistics
+                    rstd = torch.rsqrt(running_var.to(pdt) + eps)
+                    centred = h_max + (bias if bias is not None else 0.0) - running_mean.to(pdt)
+                xhat = centred * rstd
+                a = gamma * rstd
+                pre = xhat * gamma + beta
+            out = torch.relu(pre)
+        ctx.B, ctx.V, ctx.mode, ctx.has_bias = B, V, mode, bias is not None
+        if mode == "train":
+            ctx.save_for_backward(x, weight, gamma, idx, out, xhat, a, rstd, mu, cov, wcov)
+        elif mode == "eval":
+            ctx.save_for_backward(x, weight, gamma, idx, out, xhat, a)
+        else:
+            ctx.save_for_backward(x, weight, idx, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        B, V, mode = ctx.B, ctx.V, ctx.mode
+        N = B * V
+        with torch.autocast(g.device.type, enabled=False):
+            if mode == "train":
+                x, weight, gamma, idx, out, xhat, a, rstd, mu, cov, wcov = ctx.saved_tensors
+            elif mode == "eval":
+                x, weight, gamma, idx, out, xhat, a = ctx.saved_tensors
+            else:
+                x, weight, idx, out = ctx.saved_tensors
+            pdt = weight.dtype
+            g = g.to(pdt) * (out > 0).to(pdt)  # through the ReLU (B, C_out)
+            C_in = weight.shape[1]
+            rows = (idx + torch.arange(B, device=idx.device)[:, None] * V).reshape(-1)  # flat arg-max rows
+            vals = g if mode == "none" else g * a  # dL/dh at the arg-max rows (B, C_out)
+            need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+            need_gamma = mode != "none" and ctx.needs_input_grad[5]
+            need_beta = mode != "none" and ctx.needs_input_grad[6]
+            dx = dw = db = dgamma = dbeta = None
+            if mode == "train":
+                S1 = g.sum(dim=0)
+                S2 = (g * xhat).sum(dim=0)
+                k = a * S1 / N  # the per-channel constant of the BN backward
+                q = a * S2 * rstd / N  # the per-channel multiple of (h - mean_h)
+            if need_x:
+                dx = torch.zeros(N, C_in, dtype=pdt, device=x.device)
+                contrib = (vals[:, :, None] * weight[None]).reshape(-1, C_in)
+                dx.index_add_(0, rows, contrib)
+                if mode == "train":
+                    M = weight.t() @ (q[:, None] * weight)  # (C_in, C_in)
+                    dx -= (k @ weight)[None, :]
+                    dx -= (x.to(pdt) - mu) @ M
+                dx = dx.to(x.dtype)
+            if need_w:
+                xr = x.reshape(N, C_in)[rows].to(pdt).view(B, -1, C_in)  # (B, C_out, C_in)
+                dw = (vals[:, :, None] * xr).sum(dim=0)
+                if mode == "train":
+                    dw = dw - (N * k)[:, None] * mu[None, :] - q[:, None] * wcov
+            if need_b and ctx.has_bias:
+                db = vals.sum(dim=0)
+                if mode == "train":
+                    db = db - N * k  # = 0 up to round-off, as in BN's backward
+            if need_gamma:
+                dgamma = (g * xhat).sum(dim=0)
+            if need_beta:
+                dbeta = g.sum(dim=0)
+        return (dx, None, None, dw, db, dgamma, dbeta, None, None, None, None, None, None, None)
+
+
+FUSED_CHUNK_ROWS = {"cpu": 16384, "cuda": 1 << 19}
+
+
+def fused_pointwise_max(x: torch.Tensor, B: int, V: int, conv: nn.Conv1d, bn: Optional[nn.BatchNorm1d],
+                        chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """Fused ``max_v ReLU([BN](conv(x)))`` for x (B*V, C_in) points-major -> (B, C_out) in the
+    parameters' dtype. Same function and gradients as the ``linear`` path (up to round-off),
+    same BN running-statistics updates, also under autocast (GEMM in the autocast dtype)."""
+    if chunk_rows is None:
+        chunk_rows = FUSED_CHUNK_ROWS.get(x.device.type, 1 << 19)
+    w = conv.weight.squeeze(-1)
+    if bn is None:
+        mode, gamma, beta, rm, rv, factor, eps = "none", None, None, None, None, 0.0, 0.0
+    else:
+        if not bn.affine:
+            raise ValueError("fused pointwise max needs an affine BatchNorm")
+        use_batch = bn.training or bn.running_mean is None
+        mode = "train" if use_batch else "eval"
+        gamma, beta, eps = bn.weight, bn.bias, bn.eps
+        rm, rv, factor = None, None, 0.0
+        if bn.training and bn.track_running_stats and bn.running_mean is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            rm, rv = bn.running_mean, bn.running_var
+        elif not use_batch:
+            rm, rv = bn.running_mean, bn.running_var
+    return _FusedPointwiseMax.apply(x, B, V, w, conv.bias, gamma, beta, rm, rv, mode, factor, eps,
+                                    _compute_dtype(x), chunk_rows)
 
 
 class MLPDecoder(nn.Module):
@@ -144,7 +329,8 @@ class DisentanglingVAE(nn.Module):
         id_dim, exp_dim: latent sizes d_id, d_exp.
         width: multiplier on the encoder widths 64/64/64/128/1024 (1.0 = paper).
         decoder_hidden: hidden width of both decoders; default ``round(256 * width)``.
-        pointwise: ``"conv"`` (reference layout) or ``"linear"`` (same parameters, faster).
+        pointwise: ``"conv"`` (reference layout), ``"linear"`` (same parameters, faster) or
+            ``"fused"`` (``linear`` + fused last layer/max-pool; same parameters, fastest).
 
     ``forward(x, mode)`` with ``x`` the absolute face (B, V, 3) in stored units:
 
@@ -281,7 +467,7 @@ class IdentityDiscriminator(nn.Module):
             for the whole network, T-Net included (the reference's single switch). Without it
             there is no BN and no dropout at all, and no BN parameters exist.
         dropout: head dropout probability (only with ``use_bn``).
-        pointwise: ``"conv"`` or ``"linear"`` (same parameters).
+        pointwise: ``"conv"``, ``"linear"`` or ``"fused"`` (same parameters).
 
     ``forward(pair)``: pair (B, V, 6) = ``cat([X, Y], dim=-1)`` in absolute stored units, any V.
     Returns logits (B, 2); class 1 = same identity / real. (The reference returns log_softmax

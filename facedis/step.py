@@ -299,11 +299,18 @@ def step_flops(
     detach_fakes: bool = False,
     encoder_only_reencode: bool = False,
     latent_consistency: bool = True,
+    fused_pointwise: bool = False,
+    disc_bn: bool = False,
 ) -> dict[str, float]:
     """Analytic GEMM/conv/bmm FLOPs of one ``joint_step`` at paper widths (method-spec §7.1;
     2 FLOPs per MAC; BN, ReLU, max, elementwise losses and Adam excluded).
 
     Faithful defaults give the reference's 37.52 GFLOP/sample for CoMA (N=5023, B=32, d=4+4).
+    ``fused_pointwise`` counts what ``pointwise="fused"`` executes instead: the 128->1024 layers
+    run their forward GEMM only; with BN (the VAE encoder; the D when ``disc_bn``) add the
+    (128x128) covariance in the forward and the (128x128) input-gradient correction in the
+    backward; the gather/scatter of the arg-max rows is not counted.
+
     Returns ``forward``, ``backward``, ``total`` (per step) and ``per_sample``.
     """
     n, b = num_vertices, batch_size
@@ -327,5 +334,156 @@ def step_flops(
     if latent_consistency:
         fwd += enc + (0 if encoder_only_reencode else dec)
         bwd += 2 * (enc_conv + heads_id)
+    if fused_pointwise:
+        last, cov = 2 * n * 128 * 1024, 2 * n * 128 * 128
+        enc_fwd_count = 1 + (1 if latent_consistency else 0)
+        enc_bwd_count = 1 + (1 if latent_consistency else 0)
+        if use_discriminator and not detach_fakes:
+            enc_bwd_count += 1
+        fwd += enc_fwd_count * cov
+        bwd += enc_bwd_count * (cov - 2 * last)
+        if use_discriminator:  # 3 pairs per sample: 2 in the D step, 1 in the G step; 2 nets each
+            fwd += 3 * 2 * (cov if disc_bn else 0)
+            bwd += 3 * 2 * ((cov if disc_bn else 0) - 2 * last)
     fwd, bwd = float(fwd * b), float(bwd * b)
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "per_sample": (fwd + bwd) / b}
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast path (GitHub issue #11)
+# ---------------------------------------------------------------------------------------------
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class FastPath:
+    """Everything that makes ``joint_step`` fast, as one option set (docs/fidelity.md, "fast path").
+
+    Same parameter updates as the faithful step (fp32: round-off; tests/test_fast_path.py):
+
+    - ``detach_fakes``, ``encoder_only_reencode``: ``Fidelity`` fields (no wasted VAE backward in
+      the D step, no unused decoders in the re-encode).
+    - ``dense_laplacian=False``: the sparse neighbour-gather Laplacian (build it with
+      ``losses.uniform_laplacian(tri, V, dense=False)``).
+    - ``pointwise="fused"``: point-wise layers as points-major GEMMs, the widest one fused with
+      its BN + ReLU + max-pool (``model._FusedPointwiseMax``): no B·V·1024 map, no GEMM in its
+      backward.
+    - no host syncs: ``joint_step`` returns device tensors; the engine should ``.item()`` them
+      only every ``train.log_every_steps``.
+
+    Reduced precision (updates within a stated tolerance, loss curve tracks fp32):
+    - ``precision``: ``"bf16"`` / ``"fp16"`` autocast of the forward (``autocast_ctx(device)``);
+      parameters, optimiser state, BN statistics and losses stay fp32. fp16 needs a GradScaler
+      (``accelerate`` adds one for ``mixed_precision="fp16"``).
+    - ``compile``: ``torch.compile`` the two modules (GPU: fewer kernels; CPU: no speed, less
+      memory). Off by default.
+    """
+
+    detach_fakes: bool = True
+    encoder_only_reencode: bool = True
+    dense_laplacian: bool = False
+    pointwise: str = "fused"
+    precision: str = "no"
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; valid choices: {PRECISIONS}")
+
+    def fidelity(self, base=None) -> Fidelity:
+        """``base`` (a ``Fidelity``/``cfg.fidelity``/dict/None) with the fast, update-preserving
+        switches turned on; the result-changing options (analytic_kl, reencode_mu,
+        disc_bn_match) are kept as given."""
+        fid = _fidelity(base)
+        return Fidelity(**{**fid.__dict__, "detach_fakes": fid.detach_fakes or self.detach_fakes,
+                           "encoder_only_reencode": fid.encoder_only_reencode or self.encoder_only_reencode})
+
+    def autocast_ctx(self, device) -> Callable:
+        """Zero-arg callable giving the forward's autocast context (``nullcontext`` for ``"no"``)."""
+        dev = torch.device(device).type
+        if self.precision == "no":
+            return contextlib.nullcontext
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return lambda: torch.autocast(dev, dtype=dtype)
+
+    def apply(self, *modules):
+        """Switch the point-wise mode of each module in place (parameters unchanged) and return
+        them, compiled when ``compile`` (compile *after* DDP wrapping is also fine)."""
+        out = []
+        for m in modules:
+            if m is None:
+                out.append(None)
+                continue
+            base = m.module if _is_ddp(m) else m
+            getattr(base, "set_pointwise")(self.pointwise)
+            out.append(torch.compile(m) if self.compile else m)
+        return tuple(out) if len(out) != 1 else out[0]
+
+
+def fast_fidelity(base=None) -> Fidelity:
+    """The fast, update-preserving ``Fidelity`` (detached fakes, encoder-only re-encode) on top of
+    ``base``'s result-changing options. Shorthand for ``FastPath().fidelity(base)``."""
+    return FastPath().fidelity(base)
+
+
+def fast_path(cfg=None, **overrides) -> FastPath:
+    """The ``FastPath`` for a ``Config`` (``train.fast``, ``train.precision``, ``train.compile``,
+    ``model.pointwise``, ``fidelity.dense_laplacian``) or the defaults when ``cfg`` is None.
+
+    With ``train.fast`` the point-wise mode is ``"fused"`` and the Laplacian sparse whatever
+    ``model.pointwise``/``fidelity.dense_laplacian`` say; without it those fields are used as
+    given and only ``precision``/``compile`` apply (a faithful run can still use bf16)."""
+    if cfg is None:
+        return FastPath(**overrides)
+    tr = cfg.train
+    fast = bool(getattr(tr, "fast", False))
+    kw = dict(
+        detach_fakes=fast or bool(getattr(cfg.fidelity, "detach_fakes", False)),
+        encoder_only_reencode=fast or bool(getattr(cfg.fidelity, "encoder_only_reencode", False)),
+        dense_laplacian=False if fast else bool(getattr(cfg.fidelity, "dense_laplacian", False)),
+        pointwise="fused" if fast else getattr(cfg.model, "pointwise", "conv"),
+        precision=getattr(tr, "precision", "no"),
+        compile=bool(getattr(tr, "compile", False)),
+    )
+    kw.update(overrides)
+    return FastPath(**kw)
+
+
+class DevicePrefetcher:
+    """Overlap host->device copies with compute: iterates ``loader`` one batch ahead, copying each
+    dict of tensors with ``non_blocking=True`` on a side CUDA stream (the loader should use
+    ``pin_memory=True``). On CPU it is a plain pass-through (``num_workers`` already overlaps
+    loading with compute there)."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def __len__(self):
+        return len(self.loader)
+
+    def _copy(self, batch):
+        if self.stream is None:
+            return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with torch.cuda.stream(self.stream):
+            return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def __iter__(self):
+        it = iter(self.loader)
+        try:
+            nxt = self._copy(next(it))
+        except StopIteration:
+            return
+        while True:
+            if self.stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self.stream)
+                for v in nxt.values():
+                    if torch.is_tensor(v):
+                        v.record_stream(torch.cuda.current_stream(self.device))
+            cur = nxt
+            try:
+                nxt = self._copy(next(it))
+            except StopIteration:
+                yield cur
+                return
+            yield cur

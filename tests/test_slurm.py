@@ -55,10 +55,12 @@ def slurm_env():
     started = False
     if not _cluster_up(env):
         installed = shutil.which("slurmctld", path=env["PATH"]) and shutil.which("sinfo", path=env["PATH"])
-        if not installed:
-            _unavailable("Slurm is not installed (no sinfo/slurmctld); run `.ci/slurm-up.sh` as root to install and start it")
-        if os.geteuid() != 0:
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            if not installed:
+                _unavailable("Slurm is not installed (no sinfo/slurmctld) and installing it needs root + apt-get; "
+                             "run `.ci/slurm-up.sh` as root to install and start it")
             _unavailable("Slurm is installed but not running, and starting it needs root (`.ci/slurm-up.sh`)")
+        # root: slurm-up.sh installs the Debian packages when missing, then starts the daemons
         r = subprocess.run([str(REPO / ".ci" / "slurm-up.sh")], env={**env, "SLURM_DIR": str(SLURM_DIR)},
                            capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
