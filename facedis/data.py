@@ -1,0 +1,464 @@
+"""Data loading for prepared data sets (docs/architecture.md "Data loading", docs/data-format.md).
+
+Public API::
+
+    load_info(root) -> DatasetInfo
+    FaceDataset(root, split, in_memory="auto", with_partner=True, seed=0)   # training items
+    PairDataset(root, split, seed=0, in_memory="auto")                      # D pretraining pairs
+    make_train_loader(info_or_root, split, batch_size, shuffle=True, seed=0, num_workers=0,
+                      drop_last=True, in_memory="auto", with_partner=True, pair=False, **loader_kwargs)
+    collate_batch(batch) -> dict       # the collate_fn for the batched fast path
+
+Randomness (partners, pair labels) is a pure function of ``(seed, epoch, index)``: call
+``dataset.set_epoch(epoch)`` before each epoch (it reaches running and persistent workers through
+shared memory), and a resumed run draws exactly the same partners. Item order is the sampler's
+business (``DistributedSampler``, accelerate's sharding); items do not depend on which process or
+worker reads them.
+
+Fast path: with ``in_memory`` the whole split is one ``(N,V,3)`` float32 tensor (shared with
+fork/spawn workers, not copied), and ``dataset[list_of_indices]`` / ``__getitems__`` gather a
+whole batch with ``index_select``. ``collate_batch`` passes such a batch through unchanged and
+falls back to ``default_collate`` otherwise, so the datasets also work with a plain DataLoader.
+Without ``in_memory`` the HDF5 shards are opened lazily in each process (re-opened when the pid
+changes) and read one mesh at a time (the fastest h5py access pattern, infra-recipes §6).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from facedis.shards import DatasetError, read_arrays, read_meta
+
+__all__ = ["DatasetInfo", "load_info", "FaceDataset", "PairDataset", "make_train_loader", "collate_batch"]
+
+
+# ---------------------------------------------------------------------------------------- info
+
+
+@dataclass
+class DatasetInfo:
+    root: Path
+    meta: dict
+    arrays: dict[str, np.ndarray] = field(repr=False)
+
+    @property
+    def num_vertices(self) -> int:
+        return int(self.meta["num_vertices"])
+
+    @property
+    def triangles(self) -> np.ndarray:
+        return self.arrays["triangles"].astype(np.int32)
+
+    @property
+    def mean_face(self) -> np.ndarray:
+        return self.arrays["mean_face"]
+
+    @property
+    def template(self) -> np.ndarray | None:
+        return self.arrays.get("template")
+
+    @property
+    def vertex_index_map(self) -> np.ndarray | None:
+        return self.arrays.get("vertex_index_map")
+
+    @property
+    def landmarks(self) -> np.ndarray | None:
+        return self.arrays.get("landmarks")
+
+    @property
+    def mm_per_unit(self) -> float:
+        return float(self.meta["units"]["mm_per_unit"])
+
+    @property
+    def subjects(self) -> list[str]:
+        return list(self.meta["subjects"])
+
+    @property
+    def expressions(self) -> list[str]:
+        return list(self.meta["expressions"])
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.meta["content_hash"])
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(self.meta["splits"])
+
+    def num_samples(self, split: str) -> int:
+        return int(self._split(split)["num_samples"])
+
+    def shard_paths(self, split: str) -> list[Path]:
+        return [self.root / n for n in self._split(split)["shards"]]
+
+    def neutral(self, split: str) -> np.ndarray:
+        """(S,V,3) per-subject neutral ground truth as seen by ``split`` (NaN rows: none)."""
+        key = f"neutral/{split}"
+        if key not in self.arrays:
+            raise DatasetError(f"{self.root / 'meta.h5'}: no neutral ground truth for split {split!r}")
+        return self.arrays[key]
+
+    def _split(self, split: str) -> dict:
+        try:
+            return self.meta["splits"][split]
+        except KeyError:
+            raise DatasetError(f"{self.root}: no split {split!r} (has {sorted(self.meta['splits'])})") from None
+
+
+def load_info(root: str | os.PathLike) -> DatasetInfo:
+    root = Path(root)
+    return DatasetInfo(root=root, meta=read_meta(root), arrays=read_arrays(root))
+
+
+# ---------------------------------------------------------------------------------------- randomness
+
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    x = x + _GOLD
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _uniform(seed: int, epoch: int, stream: int, index: np.ndarray) -> np.ndarray:
+    """Counter-based uniforms in [0,1): a pure function of (seed, epoch, stream, index)."""
+    with np.errstate(over="ignore"):
+        h = _splitmix(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.zeros(1, np.uint64))
+        h = _splitmix(h ^ np.uint64(epoch & 0xFFFFFFFFFFFFFFFF))
+        h = _splitmix(h ^ np.uint64(stream))
+        x = _splitmix(h ^ np.asarray(index, dtype=np.uint64))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+
+
+# ---------------------------------------------------------------------------------------- datasets
+
+
+class _LazyBatch(list):
+    """A batch gathered in one go. ``collate_batch`` returns ``.batch`` unchanged; anything else
+    (e.g. ``default_collate``) sees a list of per-item dicts, built on demand."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        super().__init__()
+        self.batch = batch
+        self._n = len(next(iter(batch.values())))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return {k: v[i] for k, v in self.batch.items()}
+
+    def __iter__(self):
+        return (self[i] for i in range(self._n))
+
+    def __reduce__(self):
+        return (_LazyBatch, (self.batch,))
+
+
+def collate_batch(batch):
+    """collate_fn for FaceDataset/PairDataset: a pre-gathered batch passes through unchanged."""
+    if isinstance(batch, _LazyBatch):
+        return batch.batch
+    if isinstance(batch, dict):
+        return batch
+    return default_collate(batch)
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 0
+
+
+def _resolve_in_memory(in_memory, nbytes: int) -> bool:
+    if in_memory in (True, "yes", "true", "on"):
+        return True
+    if in_memory in (False, "no", "false", "off"):
+        return False
+    if in_memory == "auto":
+        return nbytes <= _available_bytes() // 4
+    raise ValueError(f"in_memory must be 'auto', 'yes' or 'no' (or a bool), got {in_memory!r}")
+
+
+class _SplitData:
+    """Vertices of one split: an in-RAM tensor, or lazily opened HDF5 shards."""
+
+    def __init__(self, info: DatasetInfo, split: str, in_memory):
+        self.paths = info.shard_paths(split)
+        self.V = info.num_vertices
+        labels: dict[str, list] = {k: [] for k in ("subject", "expression", "level", "is_neutral")}
+        sizes = []
+        for p in self.paths:
+            try:
+                with h5py.File(p, "r") as f:
+                    sizes.append(int(f["vertices"].shape[0]))
+                    for k in labels:
+                        labels[k].append(f[k][()])
+            except (OSError, KeyError) as e:
+                raise DatasetError(f"{p}: cannot be read ({e}); run `prepare.py check {info.root}`") from None
+        self.n = int(sum(sizes))
+        if self.n != info.num_samples(split):
+            raise DatasetError(f"{info.root}: split {split!r} has {self.n} samples on disk, meta.json says "
+                               f"{info.num_samples(split)}")
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        cat = lambda k, dt: np.concatenate(labels[k]).astype(dt) if labels[k] else np.zeros(0, dt)  # noqa: E731
+        self.subject = cat("subject", np.int64)
+        self.expression = cat("expression", np.int64)
+        self.level = cat("level", np.float32)
+        self.is_neutral = cat("is_neutral", np.bool_)
+        self.in_memory = _resolve_in_memory(in_memory, self.n * self.V * 3 * 4)
+        self.vertices: torch.Tensor | None = None
+        self._files: list[h5py.File] | None = None
+        self._pid: int | None = None
+        if self.in_memory:
+            arr = np.empty((self.n, self.V, 3), dtype=np.float32)
+            for p, a, b in zip(self.paths, self.offsets[:-1], self.offsets[1:]):
+                with h5py.File(p, "r") as f:
+                    if b > a:
+                        f["vertices"].read_direct(arr, dest_sel=np.s_[a:b])
+            self.vertices = torch.from_numpy(arr)
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_files"] = None  # h5py handles cannot be pickled; reopened lazily in the new process
+        d["_pid"] = None
+        return d
+
+    def _open(self) -> list[h5py.File]:
+        if self._files is None or self._pid != os.getpid():
+            self._files = [h5py.File(p, "r") for p in self.paths]
+            self._pid = os.getpid()
+        return self._files
+
+    def gather(self, idx: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(len(idx), V, 3) float32 tensor of the given sample indices (written into ``out`` if given)."""
+        if out is None:
+            out = torch.empty((len(idx), self.V, 3), dtype=torch.float32)
+        if self.vertices is not None:
+            np.take(self.vertices.numpy(), idx, axis=0, out=out.numpy())
+            return out
+        files = self._open()
+        o = out.numpy()
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        for k, (i, s) in enumerate(zip(idx.tolist(), shard.tolist())):
+            files[s]["vertices"].read_direct(o, source_sel=np.s_[i - self.offsets[s]], dest_sel=np.s_[k])
+        return out
+
+
+class _Arena:
+    """All tensors of one batch carved out of ONE storage. In a DataLoader worker that storage is in
+    shared memory, so the whole batch crosses to the main process as a single file descriptor
+    (one shared storage per tensor costs ~1 ms each to pass)."""
+
+    def __init__(self, specs: list[tuple[tuple[int, ...], torch.dtype]]):
+        sizes = [int(np.prod(shape)) * torch.empty((), dtype=dt).element_size() for shape, dt in specs]
+        offs, total = [], 0
+        for sz in sizes:
+            offs.append(total)
+            total += (sz + 63) // 64 * 64
+        if torch.utils.data.get_worker_info() is not None:
+            storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(max(total, 1), device="cpu")
+            buf = torch.empty(0, dtype=torch.uint8).new(storage)[:total]
+        else:
+            buf = torch.empty(total, dtype=torch.uint8)
+        self.tensors = [buf[o:o + sz].view(dt).view(shape) for o, sz, (shape, dt) in zip(offs, sizes, specs)]
+
+    def pop(self) -> torch.Tensor:
+        return self.tensors.pop(0)
+
+
+class _Base(Dataset):
+    def __init__(self, root, split: str, in_memory="auto", seed: int = 0):
+        self.info = root if isinstance(root, DatasetInfo) else load_info(root)
+        self.root = self.info.root
+        self.split = split
+        self.seed = int(seed)
+        self.data = _SplitData(self.info, split, in_memory)
+        neutral = self.info.neutral(split) if f"neutral/{split}" in self.info.arrays else None
+        self.neutral_gt = torch.from_numpy(np.ascontiguousarray(neutral, dtype=np.float32)) if neutral is not None else None
+        # items grouped by subject: order[start[s]:start[s]+count[s]] are subject s's items
+        S = len(self.info.subjects)
+        self.subject = self.data.subject
+        self._order = np.argsort(self.subject, kind="stable").astype(np.int64)
+        self._count = np.bincount(self.subject, minlength=S).astype(np.int64)
+        self._start = np.concatenate([[0], np.cumsum(self._count)[:-1]]).astype(np.int64)
+        # epoch in shared memory: set_epoch in the main process reaches (persistent) workers
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def in_memory(self) -> bool:
+        return self.data.in_memory
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def __len__(self) -> int:
+        return self.data.n
+
+    def _idx(self, indices) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < -self.data.n or idx.max() >= self.data.n):
+            raise IndexError(f"index out of range for {self.data.n} samples")
+        return np.where(idx < 0, idx + self.data.n, idx)
+
+    def _same_subject(self, idx: np.ndarray, u: np.ndarray) -> np.ndarray:
+        s = self.subject[idx]
+        k = np.minimum((u * self._count[s]).astype(np.int64), self._count[s] - 1)
+        return self._order[self._start[s] + k]
+
+    def _other_subject(self, idx: np.ndarray, u: np.ndarray) -> np.ndarray:
+        s = self.subject[idx]
+        n_other = self.data.n - self._count[s]
+        if (n_other <= 0).any():
+            raise DatasetError(f"{self.root}: split {self.split!r} has a single subject; no different-identity pairs")
+        r = np.minimum((u * n_other).astype(np.int64), n_other - 1)
+        r = np.where(r >= self._start[s], r + self._count[s], r)
+        return self._order[r]
+
+    def __getitem__(self, index):
+        if isinstance(index, (list, tuple, np.ndarray, torch.Tensor)):
+            return self._batch(self._idx(index))
+        b = self._batch(self._idx([index]))
+        return {k: v[0] for k, v in b.items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> _LazyBatch:
+        return _LazyBatch(self._batch(self._idx(indices)))
+
+    def _batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class FaceDataset(_Base):
+    """Training/eval items of one split.
+
+    Item -> ``vertices (V,3) f32, neutral (V,3) f32, partner (V,3) f32, subject i64, expression i64,
+    level f32, is_neutral bool, index i64, partner_index i64`` (``partner``/``partner_index`` only
+    with ``with_partner``). ``partner`` is uniform over the same subject's items of the split (the
+    item itself included), a function of ``(seed, epoch, index)``.
+    """
+
+    def __init__(self, root, split: str, in_memory="auto", with_partner: bool = True, seed: int = 0):
+        super().__init__(root, split, in_memory, seed)
+        self.with_partner = with_partner
+
+    def partner_indices(self, indices, epoch: int | None = None) -> np.ndarray:
+        idx = self._idx(indices)
+        u = _uniform(self.seed, self.epoch if epoch is None else epoch, 1, idx)
+        return self._same_subject(idx, u)
+
+    def _batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        d = self.data
+        n, V = len(idx), d.V
+        s = d.subject[idx]
+        has_neutral = self.neutral_gt is not None
+        mesh = ((n, V, 3), torch.float32)
+        keys = ["vertices"] + (["neutral"] if has_neutral else []) + (["partner"] if self.with_partner else [])
+        lab = ["subject", "expression", "index"] + (["partner_index"] if self.with_partner else [])
+        arena = _Arena([mesh] * len(keys) + [((n,), torch.int64)] * len(lab)
+                       + [((n,), torch.float32), ((n,), torch.bool)])
+        out = {k: arena.pop() for k in keys}
+        d.gather(idx, out["vertices"])
+        if has_neutral:
+            np.take(self.neutral_gt.numpy(), s, axis=0, out=out["neutral"].numpy())
+        labels = {"subject": s, "expression": d.expression[idx], "index": idx}
+        if self.with_partner:
+            p = self.partner_indices(idx)
+            d.gather(p, out["partner"])
+            labels["partner_index"] = p
+        for k in lab:
+            t = arena.pop()
+            t.numpy()[:] = labels[k]
+            out[k] = t
+        out["level"] = arena.pop()
+        out["level"].numpy()[:] = d.level[idx]
+        out["is_neutral"] = arena.pop()
+        out["is_neutral"].numpy()[:] = d.is_neutral[idx]
+        return out
+
+
+class PairDataset(_Base):
+    """Identity pairs for discriminator pretraining (method-spec §3).
+
+    Item ``i`` -> ``{"a": X_i, "b": X_j, "same": i64}``: ``same ~ Bernoulli(0.5)``; same → ``j``
+    uniform over the same subject's items (``i`` included), different → uniform over all items of
+    other subjects. A function of ``(seed, epoch, i)``; also returns ``a_index``/``b_index``.
+    """
+
+    def __init__(self, root, split: str, seed: int = 0, in_memory="auto"):
+        super().__init__(root, split, in_memory, seed)
+
+    def pair_indices(self, indices, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(partner indices, same labels) for the given item indices."""
+        idx = self._idx(indices)
+        ep = self.epoch if epoch is None else epoch
+        same = _uniform(self.seed, ep, 2, idx) < 0.5
+        u = _uniform(self.seed, ep, 3, idx)
+        j = np.where(same, self._same_subject(idx, u), self._other_subject(idx, u) if (~same).any() else 0)
+        return j.astype(np.int64), same.astype(np.int64)
+
+    def _batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        j, same = self.pair_indices(idx)
+        n = len(idx)
+        arena = _Arena([((n, self.data.V, 3), torch.float32)] * 2 + [((n,), torch.int64)] * 3)
+        out = {"a": self.data.gather(idx, arena.pop()), "b": self.data.gather(j, arena.pop())}
+        for k, v in (("same", same), ("a_index", idx), ("b_index", j)):
+            out[k] = arena.pop()
+            out[k].numpy()[:] = v
+        return out
+
+
+# ---------------------------------------------------------------------------------------- loaders
+
+
+def make_train_loader(info_or_root, split: str, batch_size: int, shuffle: bool = True, seed: int = 0,
+                      num_workers: int = 0, drop_last: bool = True, *, in_memory="auto",
+                      with_partner: bool = True, pair: bool = False, **loader_kwargs: Any) -> DataLoader:
+    """A DataLoader over :class:`FaceDataset` (or :class:`PairDataset` with ``pair=True``) with the
+    batched fast path. Shuffling uses a generator seeded with ``seed``; pass the loader to
+    ``accelerator.prepare`` (it shards it). Call ``loader.dataset.set_epoch(epoch)`` every epoch.
+    Extra keyword arguments go to ``DataLoader`` (e.g. ``pin_memory``, ``persistent_workers``,
+    ``multiprocessing_context``)."""
+    if pair:
+        ds: _Base = PairDataset(info_or_root, split, seed=seed, in_memory=in_memory)
+    else:
+        ds = FaceDataset(info_or_root, split, in_memory=in_memory, with_partner=with_partner, seed=seed)
+    gen = torch.Generator()
+    gen.manual_seed(int(seed))
+    kw: dict[str, Any] = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+                              collate_fn=collate_batch, generator=gen)
+    if num_workers > 0:
+        kw["persistent_workers"] = True
+        kw["prefetch_factor"] = 4
+    kw.update(loader_kwargs)
+    return DataLoader(ds, **kw)
