@@ -1,0 +1,26 @@
+"""facedis: adversarial 3D face disentanglement of identity and expression (Gu, Pears & Sun, FG 2023).
+
+Public entry points (imported lazily so ``import facedis`` stays light):
+
+- ``facedis.load(run_dir_or_checkpoint)`` -> :class:`facedis.inference.FaceModel`
+- ``facedis.train(cfg, report=None)`` -> final metrics (the one training function)
+- ``facedis.load_config(path, overrides)`` -> :class:`facedis.config.Config`
+"""
+
+__all__ = ["load", "FaceModel", "train", "load_config", "Config"]
+
+
+def __getattr__(name):
+    if name in ("load", "FaceModel"):
+        from facedis import inference
+
+        return getattr(inference, name)
+    if name == "train":
+        from facedis.engine import train
+
+        return train
+    if name in ("load_config", "Config"):
+        from facedis import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'facedis' has no attribute {name!r}")

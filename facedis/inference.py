@@ -1,0 +1,431 @@
+"""Inference API: load a trained run and disentangle, transfer, interpolate.
+
+    import facedis
+    m = facedis.load("runs/synth")                 # a run directory or its model.pt
+    z_id, z_exp = m.encode("scan.ply")             # deterministic μ codes
+    neutral = m.neutral(scan)                      # M̄ + Δ_id (the predicted identity)
+    out = m.transfer(source, target)               # target's identity, source's expression
+    strip = m.interpolate(a, b, steps=5, part="identity")
+
+Inputs: numpy arrays or torch tensors (V, 3) or (B, V, 3), mesh file paths (PLY/OBJ, read
+with trimesh, vertex order kept), or a list of paths. They must have the training template's
+vertex count (and, for mesh files with faces, its triangles): the model works on registered
+meshes in dense correspondence. Outputs are numpy float32 arrays (V, 3) for one input or
+(B, V, 3) for a batch.
+
+Units: the data set's stored units by default (mm = stored × ``mm_per_unit``);
+``units="mm"`` (at ``load`` or per call) converts inputs from and outputs to millimetres.
+
+Alignment: ``align=True`` rigidly aligns each input to the training template (Kabsch,
+rotation + translation, no scale) before encoding; outputs then stay in the template's frame.
+Off by default because the training data are already in that frame and an expressive face
+does not align exactly onto a neutral template (the open mouth pulls the fit).
+
+Codes are the posterior means μ (method-spec §5.1), the model runs in eval mode (BatchNorm
+running statistics), so every call is deterministic. Loading uses
+``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from facedis.model import DisentanglingVAE
+
+ArrayLike = Union[np.ndarray, torch.Tensor, str, os.PathLike, Sequence]
+UNITS = ("stored", "mm")
+PARTS = ("identity", "expression", "both")
+MESH_SUFFIXES = (".ply", ".obj", ".off", ".stl")
+
+
+class MeshMismatchError(ValueError):
+    """An input does not match the training template (vertex count, topology or shape)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint reading
+# ---------------------------------------------------------------------------------------------
+def _first(d: dict, *names, default=None):
+    for n in names:
+        if n in d and d[n] is not None:
+            return d[n]
+    return default
+
+
+def _strip_prefixes(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        for p in ("module.", "_orig_mod."):
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def _infer_model_args(state: dict) -> dict:
+    """Constructor arguments of ``DisentanglingVAE`` read off the weights' shapes."""
+    c5 = state["encoder.conv5.weight"].shape[0]  # round(1024 * width)
+    return {
+        "num_vertices": state["id_decoder.fc2.weight"].shape[0] // 3,
+        "id_dim": state["fc_id_mu.weight"].shape[0],
+        "exp_dim": state["fc_exp_mu.weight"].shape[0],
+        "width": c5 / 1024.0,
+        "decoder_hidden": state["id_decoder.fc1.weight"].shape[0],
+    }
+
+
+def _resolve_checkpoint(path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        for name in ("model.pt", "final.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise FileNotFoundError(f"{p}: no model.pt in this run directory (is the run finished?)")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such run directory or checkpoint")
+    return p
+
+
+def _to_np(a, dtype=np.float64) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# mesh files
+# ---------------------------------------------------------------------------------------------
+def read_mesh(path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Read a mesh file with trimesh, keeping the vertex order -> (vertices (V,3), faces (F,3) or None)."""
+    import trimesh
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such mesh file")
+    m = trimesh.load(str(path), process=False, maintain_order=True, force="mesh")
+    v = np.asarray(m.vertices, dtype=np.float64)
+    f = np.asarray(m.faces, dtype=np.int64) if getattr(m, "faces", None) is not None and len(m.faces) else None
+    return v, f
+
+
+def write_mesh(path, vertices, triangles, vertex_colors=None) -> Path:
+    """Write a PLY or OBJ (by suffix) with trimesh, vertex order kept; optional per-vertex RGB(A)
+    colours in [0, 1] or uint8 (PLY keeps them)."""
+    import trimesh
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colors = None
+    if vertex_colors is not None:
+        c = np.asarray(vertex_colors)
+        if c.dtype.kind == "f":
+            c = np.clip(np.round(c * 255.0), 0, 255).astype(np.uint8)
+        if c.shape[1] == 3:
+            c = np.concatenate([c, np.full((len(c), 1), 255, np.uint8)], axis=1)
+        colors = c
+    m = trimesh.Trimesh(vertices=np.asarray(_to_np(vertices), dtype=np.float64),
+                        faces=np.asarray(triangles, dtype=np.int64), vertex_colors=colors, process=False)
+    m.export(str(path))
+    return path
+
+
+def _canonical(faces: np.ndarray) -> np.ndarray:
+    """Triangles as a sorted set of sorted index triples (winding and order ignored)."""
+    f = np.sort(np.asarray(faces, dtype=np.int64), axis=1)
+    return f[np.lexsort(f.T[::-1])]
+
+
+def _is_path(x) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+# ---------------------------------------------------------------------------------------------
+# the model object
+# ---------------------------------------------------------------------------------------------
+class FaceModel:
+    """A trained disentangling VAE with what inference needs (mean face, triangles, units).
+
+    Attributes: ``vae`` (``DisentanglingVAE`` in eval mode), ``mean_face`` (V,3) and
+    ``template`` (V,3) in stored units, ``triangles`` (F,3), ``mm_per_unit``,
+    ``num_vertices``, ``id_dim``, ``exp_dim``, ``units`` (default for calls), ``align``
+    (default for calls), ``meta`` (everything else the checkpoint carried).
+    """
+
+    def __init__(self, vae: DisentanglingVAE, mean_face, triangles, mm_per_unit: float = 1.0, template=None,
+                 units: str = "stored", align: bool = False, device="cpu", meta: Optional[dict] = None,
+                 batch_size: int = 256):
+        self.device = torch.device(device)
+        self.vae = vae.to(self.device).eval()
+        self.mean_face = _to_np(mean_face, np.float32)
+        self.template = _to_np(template, np.float32) if template is not None else self.mean_face
+        self.triangles = _to_np(triangles, np.int64)
+        self.mm_per_unit = float(mm_per_unit)
+        self.num_vertices = int(self.mean_face.shape[0])
+        self.id_dim, self.exp_dim = int(vae.id_dim), int(vae.exp_dim)
+        self.units = self._check_units(units)
+        self.align = bool(align)
+        self.meta = dict(meta or {})
+        self.batch_size = int(batch_size)
+        self._mean_t = torch.as_tensor(self.mean_face, device=self.device)
+        if vae.num_vertices != self.num_vertices:
+            raise MeshMismatchError(f"model decodes {vae.num_vertices} vertices but the mean face has {self.num_vertices}")
+        if self.triangles.size and (self.triangles.min() < 0 or self.triangles.max() >= self.num_vertices):
+            raise MeshMismatchError("triangles index vertices outside the template")
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", units: str = "stored", align: bool = False) -> "FaceModel":
+        ckpt_path = _resolve_checkpoint(path)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{ckpt_path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+        state = _first(ckpt, "vae", "model", "state_dict", "vae_state_dict")
+        if state is None and "encoder.conv1.weight" in ckpt:
+            state = ckpt
+        if state is None:
+            raise KeyError(f"{ckpt_path}: no VAE weights (looked for 'vae', 'model', 'state_dict'); keys: {sorted(ckpt)}")
+        state = _strip_prefixes(dict(state))
+        mcfg = dict(_first(ckpt, "model_config", "model_cfg", "model_args", default={}) or {})
+        kind = mcfg.get("kind", "vae")
+        if kind != "vae":
+            raise ValueError(f"{ckpt_path}: model.kind={kind!r}; the inference API needs a trained VAE")
+        args = _infer_model_args(state)
+        for k in ("id_dim", "exp_dim", "decoder_hidden"):
+            if k in mcfg and int(mcfg[k]) != args[k]:
+                raise ValueError(f"{ckpt_path}: model config says {k}={mcfg[k]} but the weights have {args[k]}")
+        nv = _first(ckpt, "num_vertices")
+        if nv is not None and int(nv) != args["num_vertices"]:
+            raise ValueError(f"{ckpt_path}: num_vertices={int(nv)} but the decoders output {args['num_vertices']}")
+        if "width" in mcfg:
+            args["width"] = float(mcfg["width"])
+        vae = DisentanglingVAE(pointwise=str(mcfg.get("pointwise", "conv")), **args)
+        vae.load_state_dict(state, strict=True)
+        mean_face = _first(ckpt, "mean_face")
+        triangles = _first(ckpt, "triangles", "faces")
+        if mean_face is None or triangles is None:
+            raise KeyError(f"{ckpt_path}: the checkpoint lacks 'mean_face' or 'triangles' (keys: {sorted(ckpt)})")
+        mm = _first(ckpt, "mm_per_unit")
+        if mm is None:
+            units_meta = _first(ckpt, "units", default={})
+            mm = units_meta.get("mm_per_unit") if isinstance(units_meta, dict) else None
+        skip = {"vae", "model", "state_dict", "vae_state_dict", "mean_face", "triangles", "faces", "template"}
+        meta = {k: v for k, v in ckpt.items() if k not in skip}
+        meta["checkpoint"] = str(ckpt_path)
+        return cls(vae, mean_face, triangles, mm_per_unit=1.0 if mm is None else float(mm),
+                   template=_first(ckpt, "template"), units=units, align=align, device=device, meta=meta)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _check_units(units: str) -> str:
+        if units not in UNITS:
+            raise ValueError(f"units={units!r}; valid choices: {UNITS}")
+        return units
+
+    def _scale(self, units: Optional[str]) -> float:
+        """Factor from the caller's units to stored units."""
+        u = self._check_units(units or self.units)
+        return 1.0 / self.mm_per_unit if u == "mm" else 1.0
+
+    def _check_topology(self, faces: Optional[np.ndarray], source: str) -> None:
+        if faces is None:
+            return
+        if faces.shape != self.triangles.shape or not np.array_equal(_canonical(faces), _canonical(self.triangles)):
+            raise MeshMismatchError(
+                f"{source}: its {len(faces)} triangles are not the training template's {len(self.triangles)} "
+                "triangles; the model needs meshes registered to the training topology (same vertices, same order)")
+
+    def _read_checked(self, path) -> np.ndarray:
+        v, f = read_mesh(path)
+        if v.shape[0] != self.num_vertices:
+            raise MeshMismatchError(f"{path}: {v.shape[0]} vertices, but the model was trained on a "
+                                    f"{self.num_vertices}-vertex template (inputs must be registered to it)")
+        self._check_topology(f, str(path))
+        return v
+
+    def as_vertices(self, x: ArrayLike, units: Optional[str] = None, align: Optional[bool] = None) -> tuple[np.ndarray, bool]:
+        """Any accepted input -> ((B, V, 3) float32 in stored units, was_single), checked (and aligned)."""
+        if _is_path(x):
+            batch, single, src = self._read_checked(x)[None], True, str(x)
+        elif isinstance(x, (list, tuple)) and x and all(_is_path(p) for p in x):
+            batch, single, src = np.stack([self._read_checked(p) for p in x]), False, "mesh list"
+        else:
+            a = _to_np(x)
+            if a.ndim == 2:
+                batch, single = a[None], True
+            elif a.ndim == 3:
+                batch, single = a, False
+            else:
+                raise MeshMismatchError(f"vertices must be (V, 3) or (B, V, 3); got shape {a.shape}")
+            src = "input"
+        if batch.shape[-1] != 3:
+            raise MeshMismatchError(f"{src}: vertices must have 3 coordinates; got shape {batch.shape}")
+        if batch.shape[1] != self.num_vertices:
+            raise MeshMismatchError(f"{src}: {batch.shape[1]} vertices, but the model was trained on a "
+                                    f"{self.num_vertices}-vertex template (inputs must be registered to it)")
+        if not np.isfinite(batch).all():
+            raise ValueError(f"{src}: vertices contain NaN or inf")
+        batch = batch * self._scale(units)
+        if self.align if align is None else align:
+            batch = self.align_to_template(batch)
+        return batch.astype(np.float32), single
+
+    def align_to_template(self, vertices) -> np.ndarray:
+        """Rigidly align (B, V, 3) or (V, 3) stored-unit faces to the template (Kabsch)."""
+        from facedis.metrics import kabsch_align
+
+        v = _to_np(vertices)
+        return kabsch_align(v, np.broadcast_to(self.template.astype(np.float64), v.shape))
+
+    def _out(self, a: torch.Tensor | np.ndarray, single: bool, units: Optional[str]) -> np.ndarray:
+        a = _to_np(a, np.float32) / np.float32(self._scale(units))
+        return a[0] if single else a
+
+    # ------------------------------------------------------------------ core
+    @torch.no_grad()
+    def _encode_stored(self, v: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        zi, ze = [], []
+        for s in range(0, len(v), self.batch_size):
+            x = torch.as_tensor(v[s:s + self.batch_size], device=self.device)
+            enc = self.vae(x, mode="encode")  # the encoder sees the absolute face (method-spec §5.1)
+            zi.append(enc.mu_id)
+            ze.append(enc.mu_exp)
+        return torch.cat(zi), torch.cat(ze)
+
+    @torch.no_grad()
+    def _decode_stored(self, z_id, z_exp) -> tuple[torch.Tensor, torch.Tensor]:
+        zi = torch.as_tensor(_to_np(z_id, np.float32), device=self.device)
+        ze = torch.as_tensor(_to_np(z_exp, np.float32), device=self.device)
+        zi, ze = zi.reshape(-1, self.id_dim), ze.reshape(-1, self.exp_dim)
+        if len(zi) != len(ze):
+            if len(zi) == 1:
+                zi = zi.expand(len(ze), -1)
+            elif len(ze) == 1:
+                ze = ze.expand(len(zi), -1)
+            else:
+                raise ValueError(f"{len(zi)} identity codes but {len(ze)} expression codes")
+        return self.vae.decode(zi, ze)
+
+    # ------------------------------------------------------------------ public API
+    def encode(self, vertices: ArrayLike, units: Optional[str] = None, align: Optional[bool] = None):
+        """Deterministic codes (μ_id, μ_exp): (d_id,), (d_exp,) for one face, (B, d) for a batch."""
+        v, single = self.as_vertices(vertices, units, align)
+        zi, ze = self._encode_stored(v)
+        zi, ze = zi.cpu().numpy(), ze.cpu().numpy()
+        return (zi[0], ze[0]) if single else (zi, ze)
+
+    def decode(self, z_id, z_exp, part: str = "full", units: Optional[str] = None) -> np.ndarray:
+        """Codes -> faces. part: ``full`` M̄+Δ_id+Δ_exp, ``identity`` M̄+Δ_id (the neutral),
+        ``expression`` M̄+Δ_exp (the expression shown on the mean face), ``expression_offset`` Δ_exp.
+        A single code (d,) gives (V, 3); (B, d) gives (B, V, 3); a single code broadcasts."""
+        single = np.ndim(_to_np(z_id)) == 1 and np.ndim(_to_np(z_exp)) == 1
+        d_id, d_exp = self._decode_stored(z_id, z_exp)
+        if part == "full":
+            out = self._mean_t + d_id + d_exp
+        elif part == "identity":
+            out = self._mean_t + d_id
+        elif part == "expression":
+            out = self._mean_t + d_exp
+        elif part == "expression_offset":
+            out = d_exp
+        else:
+            raise ValueError(f"part={part!r}; valid choices: ('full', 'identity', 'expression', 'expression_offset')")
+        return self._out(out, single, units)
+
+    def reconstruct(self, vertices: ArrayLike, units: Optional[str] = None, align: Optional[bool] = None) -> np.ndarray:
+        """The full reconstruction M̄ + Δ_id + Δ_exp."""
+        return self._apply(vertices, "full", units, align)
+
+    def neutral(self, vertices: ArrayLike, units: Optional[str] = None, align: Optional[bool] = None) -> np.ndarray:
+        """The predicted identity (neutral face) M̄ + Δ_id."""
+        return self._apply(vertices, "identity", units, align)
+
+    def expression(self, vertices: ArrayLike, offset: bool = False, units: Optional[str] = None,
+                   align: Optional[bool] = None) -> np.ndarray:
+        """The predicted expression: M̄ + Δ_exp (on the mean face), or Δ_exp with ``offset=True``."""
+        return self._apply(vertices, "expression_offset" if offset else "expression", units, align)
+
+    def disentangle(self, vertices: ArrayLike, units: Optional[str] = None, align: Optional[bool] = None) -> dict:
+        """Everything at once: {full, identity, expression, expression_offset, z_id, z_exp}."""
+        v, single = self.as_vertices(vertices, units, align)
+        zi, ze = self._encode_stored(v)
+        d_id, d_exp = self._decode_stored(zi, ze)
+        m = self._mean_t
+        out = {"full": m + d_id + d_exp, "identity": m + d_id, "expression": m + d_exp, "expression_offset": d_exp}
+        res = {k: self._out(t, single, units) for k, t in out.items()}
+        res["z_id"], res["z_exp"] = (zi[0].cpu().numpy(), ze[0].cpu().numpy()) if single else (zi.cpu().numpy(), ze.cpu().numpy())
+        return res
+
+    def _apply(self, vertices, part, units, align):
+        v, single = self.as_vertices(vertices, units, align)
+        zi, ze = self._encode_stored(v)
+        out = self.decode(zi, ze, part=part, units=units)
+        return out[0] if single else out
+
+    def transfer(self, source: ArrayLike, target: ArrayLike, units: Optional[str] = None,
+                 align: Optional[bool] = None) -> np.ndarray:
+        """Expression transfer: the **target's identity** with the **source's expression**,
+        decode(z_id(target), z_exp(source)) = M̄ + Δ_id(target) + Δ_exp(source).
+        Batches pair up element-wise; a single face broadcasts against a batch."""
+        vs, s1 = self.as_vertices(source, units, align)
+        vt, s2 = self.as_vertices(target, units, align)
+        _, ze = self._encode_stored(vs)
+        zi, _ = self._encode_stored(vt)
+        out = self.decode(zi, ze, part="full", units=units)
+        return out[0] if (s1 and s2) else out
+
+    def interpolate(self, a: ArrayLike, b: ArrayLike, steps: int = 5, part: str = "identity",
+                    units: Optional[str] = None, align: Optional[bool] = None, return_codes: bool = False):
+        """Linear interpolation in code space from face ``a`` (t=0) to face ``b`` (t=1), ``steps`` ≥ 2
+        frames including both ends.
+
+        part: ``identity`` moves z_id from a's to b's and keeps a's z_exp; ``expression`` moves
+        z_exp and keeps a's z_id; ``both`` moves both (t=1 reconstructs b). Returns full faces
+        (steps, V, 3); with ``return_codes`` also (z_id (steps, d_id), z_exp (steps, d_exp)).
+        """
+        if part not in PARTS:
+            raise ValueError(f"part={part!r}; valid choices: {PARTS}")
+        if int(steps) < 2:
+            raise ValueError(f"steps={steps}: need at least 2 (the two ends)")
+        va, sa = self.as_vertices(a, units, align)
+        vb, sb = self.as_vertices(b, units, align)
+        if not (sa and sb):
+            raise ValueError("interpolate takes one face for a and one for b")
+        zi, ze = self._encode_stored(np.concatenate([va, vb]))
+        t = torch.linspace(0.0, 1.0, int(steps), device=self.device)[:, None]
+        lerp = lambda z: z[0:1] + t * (z[1:2] - z[0:1])  # noqa: E731
+        z_id = lerp(zi) if part in ("identity", "both") else zi[0:1].expand(len(t), -1)
+        z_exp = lerp(ze) if part in ("expression", "both") else ze[0:1].expand(len(t), -1)
+        z_id, z_exp = z_id.clone(), z_exp.clone()
+        z_id[0], z_exp[0] = zi[0], ze[0]  # exact ends (no round-off from the lerp)
+        if part in ("identity", "both"):
+            z_id[-1] = zi[1]
+        if part in ("expression", "both"):
+            z_exp[-1] = ze[1]
+        faces = self.decode(z_id, z_exp, part="full", units=units)
+        if return_codes:
+            return faces, (z_id.cpu().numpy(), z_exp.cpu().numpy())
+        return faces
+
+    def to_mm(self, stored) -> np.ndarray:
+        return _to_np(stored, np.float32) * np.float32(self.mm_per_unit)
+
+    def save_mesh(self, path, vertices, vertex_colors=None) -> Path:
+        """Write a face with the training triangles (PLY/OBJ by suffix)."""
+        return write_mesh(path, vertices, self.triangles, vertex_colors=vertex_colors)
+
+    def __repr__(self) -> str:
+        return (f"FaceModel(V={self.num_vertices}, F={len(self.triangles)}, d_id={self.id_dim}, d_exp={self.exp_dim}, "
+                f"mm_per_unit={self.mm_per_unit:g}, units={self.units!r}, align={self.align})")
+
+
+def load(run_dir_or_checkpoint, device="cpu", units: str = "stored", align: bool = False) -> FaceModel:
+    """Load a trained model: a run directory (its ``model.pt``) or a checkpoint file.
+
+    device: where the VAE runs; units: default units of inputs/outputs (``stored`` or ``mm``);
+    align: default for Kabsch-aligning inputs to the template. Uses ``torch.load(weights_only=True)``.
+    """
+    return FaceModel.from_checkpoint(run_dir_or_checkpoint, device=device, units=units, align=align)
