@@ -1,0 +1,136 @@
+"""Pareto front of (E_dis, E_rec), the scalarised pick, and the front plot. Pure functions.
+
+Both objectives are minimised. A point *dominates* another when it is no worse in both objectives
+and strictly better in at least one; the front is the set of points no other point dominates.
+Exact duplicates do not dominate each other, so both stay on the front. Rows with a missing or
+non-finite value are never on the front.
+
+Scalarised choice (``method="median"``, the default): among the front, minimise
+
+    score = E_dis / median(E_dis) + E_rec / median(E_rec)
+
+with the medians taken over *all* eligible points (not just the front), so a 10 % gain in either
+error is worth the same and the units (mm) cancel. ``method="rank"``: minimise
+``w·rank(E_dis) + (1 − w)·rank(E_rec)`` (ranks over all eligible points, 1 = best; ``w`` =
+``weight``, default 0.5), ties broken by the median score. The median score accepts ``weight``
+too: ``2·(w·E_dis/med + (1 − w)·E_rec/med)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def _finite(p) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)
+
+
+def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices (ascending) of the non-dominated points of ``points`` (each ``(a, b)``, minimised)."""
+    pts = [tuple(float(v) for v in p) if _finite(p) else None for p in points]
+    front = []
+    for i, p in enumerate(pts):
+        if p is None:
+            continue
+        dominated = any(
+            q is not None and j != i and all(qa <= pa for qa, pa in zip(q, p)) and any(qa < pa for qa, pa in zip(q, p))
+            for j, q in enumerate(pts)
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    m = xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+    return m if m > 0 else (max(xs) or 1.0)
+
+
+def _ranks(xs: list[float]) -> list[float]:
+    """1-based ranks, ties get the mean rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def scores(points: Sequence[Sequence[float]], method: str = "median", weight: float = 0.5) -> list[float]:
+    """Scalar score per point (lower is better; ``nan`` for points with missing values)."""
+    if method not in ("median", "rank"):
+        raise ValueError(f"unknown selection method {method!r}; choose 'median' or 'rank'")
+    ok = [i for i, p in enumerate(points) if _finite(p)]
+    out = [math.nan] * len(points)
+    if not ok:
+        return out
+    a = [float(points[i][0]) for i in ok]
+    b = [float(points[i][1]) for i in ok]
+    ma, mb = _median(a), _median(b)
+    med = [2 * (weight * x / ma + (1 - weight) * y / mb) for x, y in zip(a, b)]
+    if method == "median":
+        vals = med
+    else:
+        ra, rb = _ranks(a), _ranks(b)
+        # rank score first; the median score (< 1e-6 of a rank step) breaks ties
+        vals = [weight * x + (1 - weight) * y + 1e-9 * m for x, y, m in zip(ra, rb, med)]
+    for i, v in zip(ok, vals):
+        out[i] = v
+    return out
+
+
+def select(points: Sequence[Sequence[float]], k: int = 1, method: str = "median", weight: float = 0.5) -> list[int]:
+    """Indices of the ``k`` best front points by :func:`scores` (best first); fewer if the front is smaller."""
+    front = pareto_front(points)
+    s = scores(points, method, weight)
+    return sorted(front, key=lambda i: (s[i], i))[:k]
+
+
+def plot_front(points, labels, front, chosen, path, xlabel="E_rec_mean (mm)", ylabel="E_dis_ref_mean (mm)",
+               title="", dimmed=()) -> None:
+    """Scatter of every point (``dimmed`` ones hollow), the front as a step line, the chosen ones starred.
+
+    ``points`` are ``(E_dis, E_rec)``; the plot puts E_rec on x and E_dis on y.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    ok = [i for i, p in enumerate(points) if _finite(p)]
+    dim = set(dimmed)
+    solid = [i for i in ok if i not in dim]
+    hollow = [i for i in ok if i in dim]
+    if solid:
+        ax.scatter([points[i][1] for i in solid], [points[i][0] for i in solid], c="0.5", s=18, label="trials")
+    if hollow:
+        ax.scatter([points[i][1] for i in hollow], [points[i][0] for i in hollow], facecolors="none",
+                   edgecolors="0.6", s=18, label="stopped early")
+    if front:
+        f = sorted(front, key=lambda i: points[i][1])
+        ax.step([points[i][1] for i in f], [points[i][0] for i in f], where="post", c="C0", lw=1)
+        ax.scatter([points[i][1] for i in f], [points[i][0] for i in f], c="C0", s=30, label="Pareto front")
+    if chosen:
+        ax.scatter([points[i][1] for i in chosen], [points[i][0] for i in chosen], marker="*", c="C3", s=160,
+                   zorder=5, label="selected")
+    for i in front:
+        ax.annotate(str(labels[i]), (points[i][1], points[i][0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if ok:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
