@@ -168,14 +168,16 @@ class _FusedPointwiseMax(torch.autograd.Function):
             if mode != "none":
                 s = torch.where(gamma >= 0, 1.0, -1.0).to(pdt)
             ws = weight if s is None else weight * s[:, None]
-            wsc = ws.to(cdtype).t()
-            xc_ = x.to(cdtype)
+            wsc = ws.to(cdtype)
+            xc_ = x.to(cdtype).view(B, V, -1)
             nb = max(1, min(B, chunk_rows // max(V, 1)))
             maxes, idxs = [], []
             for b0 in range(0, B, nb):
                 b1 = min(B, b0 + nb)
-                h = torch.mm(xc_[b0 * V:b1 * V], wsc).view(b1 - b0, V, C_out)
-                m, i = h.max(dim=1)
+                # channels-major (nb, C_out, V): the max runs over the contiguous dim (CPU: ~2x
+                # faster than a max-with-indices over the strided point dim)
+                h = torch.bmm(wsc.expand(b1 - b0, -1, -1), xc_[b0:b1].transpose(1, 2))
+                m, i = h.max(dim=2)
                 maxes.append(m)
                 idxs.append(i)
                 del h
@@ -245,9 +247,11 @@ class _FusedPointwiseMax(torch.autograd.Function):
                 k = a * S1 / N  # the per-channel constant of the BN backward
                 q = a * S2 * rstd / N  # the per-channel multiple of (h - mean_h)
             if need_x:
-                dx = torch.zeros(N, C_in, dtype=pdt, device=x.device)
-                contrib = (vals[:, :, None] * weight[None]).reshape(-1, C_in)
-                dx.index_add_(0, rows, contrib)
+                # scatter the (B*C_out, C_in) row contributions; a 1-D index_add is one vectorised
+                # kernel (the 2-D one loops over rows on CPU)
+                contrib = (vals[:, :, None] * weight[None]).reshape(-1)
+                flat = (rows[:, None] * C_in + torch.arange(C_in, device=rows.device)).reshape(-1)
+                dx = torch.zeros(N * C_in, dtype=pdt, device=x.device).index_add_(0, flat, contrib).view(N, C_in)
                 if mode == "train":
                     M = weight.t() @ (q[:, None] * weight)  # (C_in, C_in)
                     dx -= (k @ weight)[None, :]
