@@ -35,6 +35,39 @@ def _ablation(datasets=("coma", "bu3dfe", "facescape")) -> list[tuple[str, dict,
     return out
 
 
+# docs/results.md: the baselines (facedis/baselines.py) and the four modes of the method on the
+# synthetic data set, for both split protocols, within ~1 h on 2 shared CPU cores: the synth preset
+# shrunk to 48 subjects x 20 frames at V = 500 (the preset: 60 x 40 at V = 2000), 30 epochs of
+# batch 16 (~1400 steps; the preset: 20 epochs of batch 32, 1200 steps), 2 D-pretraining epochs.
+SYNTH_RESULTS_PROTOCOLS = ("unseen-identity", "seen-identity")
+SYNTH_RESULTS_BASELINES = ("mean_face", "identity_map", "ridge", "supervised")
+SYNTH_RESULTS_DATA = ["--subjects", "48", "--per-subject", "20", "--vertices", "500", "--seed", "0"]
+SYNTH_RESULTS_BUDGET: dict[str, Any] = {
+    "train.epochs": 30, "train.batch_size": 16, "train.eval_every": 10, "pretrain.epochs": 2,
+    "train.progress": False, "model.ridge_alphas": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0],
+}
+
+
+def _synth_results() -> list[tuple[str, dict, str]]:
+    out = []
+    for protocol in SYNTH_RESULTS_PROTOCOLS:
+        short = protocol.split("-")[0]  # unseen / seen
+        common = {"data.root": f"data/synth-results-{protocol}",
+                  "data.prepare": ["synth", *SYNTH_RESULTS_DATA, "--protocol", protocol],
+                  **SYNTH_RESULTS_BUDGET}
+        for kind in SYNTH_RESULTS_BASELINES:
+            # The mode switches say what a baseline uses: neutral GT (ridge, supervised), never a discriminator.
+            out.append(("configs/synth.yaml", {**common, "model.kind": kind,
+                                               NEUTRAL_GT_KEY: kind in ("ridge", "supervised"),
+                                               ID_DISCRIMINATOR_KEY: False}, f"{short}-baseline-{kind}"))
+        for ne_gt in (False, True):
+            for id_dis in (False, True):
+                mode = f"{'+' if ne_gt else '-'}ne-gt{'+' if id_dis else '-'}id-dis"
+                out.append(("configs/synth.yaml", {**common, NEUTRAL_GT_KEY: ne_gt, ID_DISCRIMINATOR_KEY: id_dis},
+                            f"{short}-method{mode}"))
+    return out
+
+
 GRIDS: dict[str, list[tuple]] = {
     # Table IV: 3 data sets x (+/- neutral GT) x (+/- identity discriminator) = 12 configs.
     "ablation": _ablation(),
@@ -46,6 +79,8 @@ GRIDS: dict[str, list[tuple]] = {
     ],
     # The ablation on the synthetic CPU demo data set (runs on a laptop).
     "synth-ablation": _ablation(("synth",)),
+    # docs/results.md: 4 baselines + the 4 modes x 2 split protocols = 16 configs.
+    "synth-results": _synth_results(),
 }
 
 
