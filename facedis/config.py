@@ -75,7 +75,7 @@ class ModelConfig:
     disc_width: float = 1.0
     """Multiplier of the discriminator's widths."""
     disc_dropout: float = 0.5
-    pointwise: Literal["conv", "linear"] = "conv"
+    pointwise: Literal["conv", "linear", "fused"] = "conv"
     """Point-wise layers as ``Conv1d(k=1)`` (reference) or as points-major ``Linear`` (same math, faster)."""
     ridge_alphas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
     """Ridge baseline: regularisation strengths tried on the validation split."""

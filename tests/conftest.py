@@ -13,3 +13,45 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------
+# engine fixtures (tests/test_engine.py, test_resume.py, test_ddp.py, test_config.py)
+import pytest  # noqa: E402
+
+TINY_SYNTH = dict(subjects=10, per_subject=8, vertices=300, seed=0)
+"""Tiny synthetic data set: 8 training / 2 test identities (two, so that D pretraining has
+different-identity test pairs), 300 vertices."""
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory):
+    """A prepared tiny synthetic data set, made once per test session."""
+    from data_prep import synth
+
+    root = tmp_path_factory.mktemp("engine-data") / "tiny"
+    synth.write(synth.generate(**synth.default_options(**TINY_SYNTH)), root)
+    return root
+
+
+@pytest.fixture
+def tiny_config(tiny_synth, tmp_path):
+    """``make(**overrides) -> Config``: a 2-epoch, width-0.125 run on ``tiny_synth`` writing under
+    ``tmp_path`` (dotted-key overrides, e.g. ``make(**{"train.epochs": 1})``)."""
+    from facedis.config import Config, apply_overrides
+
+    def make(**overrides):
+        base = {
+            "dataset": "synth", "data.root": str(tiny_synth),
+            "model.id_dim": 4, "model.exp_dim": 4, "model.width": 0.125, "model.decoder_hidden": 32,
+            "model.disc_width": 0.125, "method.neutral_gt": True, "method.id_discriminator": True,
+            "loss.recon": 5000.0, "loss.neutral_recon": 5000.0, "optim.lr_vae": 1e-3,
+            "pretrain.epochs": 1, "pretrain.batch_size": 8,
+            "train.epochs": 2, "train.batch_size": 8, "train.eval_every": 1, "train.log_every_steps": 2,
+            "train.progress": False, "run.dir": str(tmp_path / "run"),
+            "run.artefact_dir": str(tmp_path / "artefacts"),
+        }
+        base.update(overrides)
+        return apply_overrides(Config(), base)
+
+    return make
