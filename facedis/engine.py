@@ -1200,6 +1200,10 @@ def train(cfg: Config, report: Optional[Reporter] = None) -> dict:
     Raises :class:`ConfigError` before any work for a bad config, :class:`NonFiniteLossError`
     on a NaN/inf loss and :class:`TrainingInterrupted` after SIGTERM/SIGUSR1 (checkpoint saved).
     """
+    if cfg.model.kind != "vae":  # baselines (docs/results.md) fit and evaluate through this engine's helpers
+        from facedis.baselines import run_baseline
+
+        return run_baseline(cfg, report)
     return _Trainer(cfg, report).run()
 
 
@@ -1213,6 +1217,9 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: dict | list | None = Non
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (not a run directory)")
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.model.kind != "vae":
+        raise ConfigError(f"{run_dir} is a {cfg.model.kind} baseline run: its metrics are in metrics.json; "
+                          "rerun its config with another run.dir to refit")
     cfg = apply_overrides(cfg, {**({} if overrides is None else
                                    (dict(overrides) if isinstance(overrides, dict) else
                                     dict(__import__("facedis.config", fromlist=["parse_override"]).parse_override(o)
