@@ -77,6 +77,11 @@ class ModelConfig:
     disc_dropout: float = 0.5
     pointwise: Literal["conv", "linear", "fused"] = "conv"
     """Point-wise layers as ``Conv1d(k=1)`` (reference) or as points-major ``Linear`` (same math, faster)."""
+    encoder_input: Literal["absolute", "absolute+offset"] = "absolute"
+    """What the PointNet encoder sees per point: the absolute face (reference) or the absolute face plus its
+    offset from the training mean face (6 channels; not in the paper; learns identity in far fewer steps)."""
+    decoder_init: Literal["default", "zero"] = "default"
+    """Decoder output layers: PyTorch default init (reference) or zero (an untrained model predicts the mean face)."""
     ridge_alphas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
     """Ridge baseline: regularisation strengths tried on the validation split."""
 

@@ -192,7 +192,8 @@ def build_models(cfg: Config, num_vertices: int, *, with_disc: Optional[bool] = 
     m = cfg.model
     pw = effective_pointwise(cfg)
     vae = DisentanglingVAE(num_vertices, m.id_dim, m.exp_dim, width=m.width, decoder_hidden=m.decoder_hidden,
-                           pointwise=pw)
+                           pointwise=pw, encoder_input=m.encoder_input,
+                           decoder_init=m.decoder_init)
     want_d = cfg.method.id_discriminator if with_disc is None else with_disc
     disc = None
     if want_d:
@@ -437,13 +438,21 @@ class _Trainer:
                                   "data.prepare is empty; run `python data_prep/prepare.py ... --out "
                                   f"{root}` first or set data.prepare")
             if self.is_main:
-                cmd = [sys.executable, "-m", "data_prep.prepare", *self.cfg.data.prepare, "--out", str(root)]
-                print(f"[facedis] preparing the data set: {' '.join(cmd)}", flush=True)
-                t = time.time()
-                res = subprocess.run(cmd)
-                if res.returncode != 0 or not (root / "meta.json").is_file():
-                    raise RuntimeError(f"data preparation failed (exit {res.returncode}): {' '.join(cmd)}")
-                print(f"[facedis] data set ready in {time.time() - t:.1f} s: {root}", flush=True)
+                import fcntl
+
+                # Several jobs of an array (or trials of a sweep) may share one data root: the first
+                # prepares it under an exclusive lock, the others wait and then find it complete.
+                root.parent.mkdir(parents=True, exist_ok=True)
+                with open(root.parent / f".{root.name}.lock", "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    if not (root / "meta.json").is_file():
+                        cmd = [sys.executable, "-m", "data_prep.prepare", *self.cfg.data.prepare, "--out", str(root)]
+                        print(f"[facedis] preparing the data set: {' '.join(cmd)}", flush=True)
+                        t = time.time()
+                        res = subprocess.run(cmd)
+                        if res.returncode != 0 or not (root / "meta.json").is_file():
+                            raise RuntimeError(f"data preparation failed (exit {res.returncode}): {' '.join(cmd)}")
+                        print(f"[facedis] data set ready in {time.time() - t:.1f} s: {root}", flush=True)
             self.accelerator.wait_for_everyone()
 
     def _load_data(self) -> None:
@@ -675,6 +684,16 @@ class _Trainer:
         return float(correct[0] / correct[1].clamp(min=1))
 
     # ------------------------------------------------------------------ joint training set-up
+    def _offset_scale(self) -> float:
+        """Scale of the encoder's offset channels: the mean face's spatial spread over the RMS
+        offset of the training neutrals from it, so both channel groups have comparable size."""
+        mean = np.asarray(self.info.mean_face, dtype=np.float64)
+        spread = np.sqrt(((mean - mean.mean(0)) ** 2).sum(1).mean())
+        neu = np.asarray(self.info.neutral(self.cfg.data.train_split), dtype=np.float64)
+        neu = neu[~np.isnan(neu).any(axis=(1, 2))]
+        rms = np.sqrt(((neu - mean) ** 2).sum(2).mean()) if len(neu) else 0.0
+        return float(spread / rms) if rms > 0 else 1.0
+
     def _build_joint(self, disc_sd: Optional[dict]) -> None:
         from facedis.losses import uniform_laplacian
         from facedis.step import StepWeights
@@ -682,6 +701,8 @@ class _Trainer:
         cfg = self.cfg
         torch.manual_seed(mix_seed(cfg.train.seed, 1))  # identical init on every rank
         vae, disc = build_models(cfg, self.V)
+        if cfg.model.encoder_input != "absolute":
+            vae.set_input_reference(self.mean_face.cpu(), self._offset_scale())
         if disc is not None and disc_sd is not None:
             dropped = disc.load_pretrained(disc_sd)
             if dropped:

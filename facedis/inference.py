@@ -75,6 +75,7 @@ def _infer_model_args(state: dict) -> dict:
         "exp_dim": state["fc_exp_mu.weight"].shape[0],
         "width": c5 / 1024.0,
         "decoder_hidden": state["id_decoder.fc1.weight"].shape[0],
+        "encoder_input": "absolute+offset" if "input_reference" in state else "absolute",
     }
 
 

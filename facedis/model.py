@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 POINTWISE_CHOICES = ("conv", "linear", "fused")
+ENCODER_INPUTS = ("absolute", "absolute+offset")
+DECODER_INITS = ("default", "zero")
 VAE_MODES = ("sample", "mean", "encode")
 
 
@@ -306,11 +308,16 @@ def fused_pointwise_max(x: torch.Tensor, B: int, V: int, conv: nn.Conv1d, bn: Op
 class MLPDecoder(nn.Module):
     """``Linear(d, hidden) -> ReLU -> Linear(hidden, 3V)``, no output activation (method-spec §1.2)."""
 
-    def __init__(self, latent_dim: int, num_vertices: int, hidden: int = 256):
+    def __init__(self, latent_dim: int, num_vertices: int, hidden: int = 256, init: str = "default"):
         super().__init__()
+        if init not in DECODER_INITS:
+            raise ValueError(f"decoder init={init!r}; valid choices: {DECODER_INITS}")
         self.num_vertices = num_vertices
         self.fc1 = nn.Linear(latent_dim, hidden)
         self.fc2 = nn.Linear(hidden, 3 * num_vertices)
+        if init == "zero":  # start exactly at the mean face instead of ~O(1) random offsets
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, d) -> offsets (B, V, 3), row-major."""
@@ -335,6 +342,17 @@ class DisentanglingVAE(nn.Module):
         decoder_hidden: hidden width of both decoders; default ``round(256 * width)``.
         pointwise: ``"conv"`` (reference layout), ``"linear"`` (same parameters, faster) or
             ``"fused"`` (``linear`` + fused last layer/max-pool; same parameters, fastest).
+        encoder_input: ``"absolute"`` (the reference: the PointNet sees the absolute face) or
+            ``"absolute+offset"`` (not in the paper: each point also carries its offset from a
+            reference face, ``(x − reference) · scale``, 6 input channels). Identity differences are
+            a few mm on a ~200 mm face; after the first BatchNorm they are ~2% of the feature
+            scale, which an absolute-coordinate PointNet needs very many steps to amplify. The
+            offset channels give them unit scale. Set the reference (the training mean face)
+            and scale with :meth:`set_input_reference`; both are buffers saved with the weights.
+        decoder_init: ``"default"`` (PyTorch's default init, as the reference: the untrained
+            decoders output random offsets of O(1) model units, i.e. hundreds of mm) or ``"zero"``
+            (the decoders' output layers start at zero, so an untrained model predicts the mean
+            face; not in the paper, converges in far fewer steps).
 
     ``forward(x, mode)`` with ``x`` the absolute face (B, V, 3) in stored units:
 
@@ -353,10 +371,18 @@ class DisentanglingVAE(nn.Module):
         width: float = 1.0,
         decoder_hidden: Optional[int] = None,
         pointwise: str = "conv",
+        encoder_input: str = "absolute",
+        decoder_init: str = "default",
     ):
         super().__init__()
+        if encoder_input not in ENCODER_INPUTS:
+            raise ValueError(f"encoder_input={encoder_input!r}; valid choices: {ENCODER_INPUTS}")
         self.num_vertices, self.id_dim, self.exp_dim = num_vertices, id_dim, exp_dim
-        c = [3] + [_scaled(w, width) for w in (64, 64, 64, 128, 1024)]
+        self.encoder_input = encoder_input
+        c = [3 if encoder_input == "absolute" else 6] + [_scaled(w, width) for w in (64, 64, 64, 128, 1024)]
+        if encoder_input != "absolute":
+            self.register_buffer("input_reference", torch.zeros(num_vertices, 3))
+            self.register_buffer("input_offset_scale", torch.ones(()))
         hidden = decoder_hidden if decoder_hidden is not None else _scaled(256, width)
         # ---- encoder ----
         self.encoder = PointwiseMLP(c, use_bn=True, pointwise=pointwise)
@@ -365,8 +391,8 @@ class DisentanglingVAE(nn.Module):
         self.fc_exp_mu = nn.Linear(c[-1], exp_dim)
         self.fc_exp_logvar = nn.Linear(c[-1], exp_dim)
         # ---- decoders ----
-        self.id_decoder = MLPDecoder(id_dim, num_vertices, hidden)
-        self.exp_decoder = MLPDecoder(exp_dim, num_vertices, hidden)
+        self.id_decoder = MLPDecoder(id_dim, num_vertices, hidden, init=decoder_init)
+        self.exp_decoder = MLPDecoder(exp_dim, num_vertices, hidden, init=decoder_init)
 
     @property
     def pointwise(self) -> str:
@@ -376,9 +402,24 @@ class DisentanglingVAE(nn.Module):
         """Switch conv/linear in place (parameters are shared, nothing is copied)."""
         self.encoder.pointwise = _check_pointwise(pointwise)
 
+    @torch.no_grad()
+    def set_input_reference(self, reference: torch.Tensor, scale: float) -> None:
+        """Reference face (V, 3) and offset scale for ``encoder_input="absolute+offset"``."""
+        if self.encoder_input == "absolute":
+            return
+        self.input_reference.copy_(torch.as_tensor(reference, dtype=self.input_reference.dtype))
+        self.input_offset_scale.fill_(float(scale))
+
+    def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-point encoder input: (B, V, 3) or, with offsets, (B, V, 6)."""
+        if self.encoder_input == "absolute":
+            return x
+        ref = self.input_reference.to(x.dtype)
+        return torch.cat([x, (x - ref) * self.input_offset_scale.to(x.dtype)], dim=-1)
+
     def encode(self, x: torch.Tensor) -> Encoding:
         """x (B, V, 3) absolute face -> ``Encoding`` (μ and log-variance of both latents)."""
-        f = self.encoder(x)  # (B, 1024)
+        f = self.encoder(self.encoder_features(x))  # (B, 1024)
         return Encoding(self.fc_id_mu(f), self.fc_id_logvar(f), self.fc_exp_mu(f), self.fc_exp_logvar(f))
 
     def decode(self, z_id: torch.Tensor, z_exp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

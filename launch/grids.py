@@ -37,11 +37,11 @@ def _ablation(datasets=("coma", "bu3dfe", "facescape")) -> list[tuple[str, dict,
 
 # docs/results.md: the baselines (facedis/baselines.py) and the four modes of the method on the
 # synthetic data set, for both split protocols, within ~1 h on 2 shared CPU cores: the synth preset
-# shrunk to 48 subjects x 20 frames at V = 500 (the preset: 60 x 40 at V = 2000), 30 epochs of
-# batch 16 (~1400 steps; the preset: 20 epochs of batch 32, 1200 steps), 2 D-pretraining epochs.
+# shrunk to 200 subjects x 8 frames at V = 500 (the preset: 300 x 8 at V = 1000), 30 epochs of
+# batch 16 (~2400 steps), 2 D-pretraining epochs.
 SYNTH_RESULTS_PROTOCOLS = ("unseen-identity", "seen-identity")
 SYNTH_RESULTS_BASELINES = ("mean_face", "identity_map", "ridge", "supervised")
-SYNTH_RESULTS_DATA = ["--subjects", "48", "--per-subject", "20", "--vertices", "500", "--seed", "0"]
+SYNTH_RESULTS_DATA = ["--subjects", "200", "--per-subject", "8", "--frames-per-sequence", "4", "--vertices", "500", "--seed", "0"]
 SYNTH_RESULTS_BUDGET: dict[str, Any] = {
     "train.epochs": 30, "train.batch_size": 16, "train.eval_every": 10, "pretrain.epochs": 2,
     "train.progress": False, "model.ridge_alphas": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0],
