@@ -185,3 +185,34 @@ def test_no_vertex_count_in_encoder_or_discriminator():
     # the encoder and the discriminator accept any vertex count; only the decoders know V
     assert vae.encoder(torch.randn(2, 13, 3)).shape[0] == 2
     assert copy.deepcopy(small_disc())(torch.randn(2, 7, 6)).shape == (2, 2)
+
+
+def test_zero_decoder_init_predicts_the_mean_face():
+    from facedis.model import DisentanglingVAE
+
+    torch.manual_seed(0)
+    vae = DisentanglingVAE(50, 4, 3, width=0.125, decoder_hidden=16, decoder_init="zero")
+    out = vae(torch.randn(3, 50, 3))
+    assert torch.count_nonzero(out.recon) == 0
+    out.recon.sum().backward()  # gradients still reach the (zero) output layer
+    assert vae.id_decoder.fc2.weight.grad is not None
+    with pytest.raises(ValueError, match="decoder init"):
+        DisentanglingVAE(50, 4, 3, decoder_init="xavier")
+
+
+def test_offset_encoder_input_uses_the_reference_face():
+    from facedis.model import DisentanglingVAE
+
+    torch.manual_seed(0)
+    vae = DisentanglingVAE(40, 4, 3, width=0.125, decoder_hidden=16, encoder_input="absolute+offset").eval()
+    assert vae.encoder.conv1.weight.shape[1] == 6
+    x = torch.randn(2, 40, 3)
+    ref = torch.randn(40, 3)
+    vae.set_input_reference(ref, 5.0)
+    feats = vae.encoder_features(x)
+    assert torch.allclose(feats[..., 3:], (x - ref) * 5.0)
+    sd = vae.state_dict()
+    assert "input_reference" in sd and float(sd["input_offset_scale"]) == 5.0
+    other = DisentanglingVAE(40, 4, 3, width=0.125, decoder_hidden=16, encoder_input="absolute+offset").eval()
+    other.load_state_dict(sd)
+    assert torch.allclose(other.encode(x).mu_id, vae.encode(x).mu_id)
