@@ -618,6 +618,9 @@ class _Trainer:
         opt = torch.optim.Adam(raw.parameters(), lr=pc.lr)
         torch.manual_seed(mix_seed(pc.seed, 13, self.rank))
         ds = fdata.PairDataset(cfg.data.root, cfg.data.train_split, seed=pc.seed)
+        if len(ds) < pc.batch_size:
+            raise ConfigError(f"pretrain.batch_size={pc.batch_size} is larger than the training split "
+                              f"({len(ds)} samples of {cfg.data.root}); lower pretrain.batch_size")
         sampler = GlobalBatchSampler(len(ds), pc.batch_size, self.world, self.rank, seed=mix_seed(pc.seed, 17),
                                      max_steps=cfg.train.max_steps_per_epoch)
         backward = _Backward()
