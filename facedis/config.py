@@ -342,25 +342,6 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_preset(path: Path, seen: tuple = ()) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: circular 'base:' chain {[str(s) for s in seen]}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    bases = data.pop("base", None)
-    merged: dict = {}
-    for b in [bases] if isinstance(bases, str) else (bases or []):
-        merged = _deep_merge(merged, _read_preset(path.parent / b, seen + (path.resolve(),)))
-    return _deep_merge(merged, data)
-
-
 def parse_override(item: str) -> tuple[str, Any]:
     """``"loss.recon=600"`` or ``"--loss.recon=600"`` -> (``"loss.recon"``, ``600``)."""
     item = item[2:] if item.startswith("--") else item

@@ -55,3 +55,25 @@ def tiny_config(tiny_synth, tmp_path):
         return apply_overrides(Config(), base)
 
     return make
+
+
+# ---- a small trained synth model, shared by tests/test_inference.py and tests/test_apps.py ----
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    from test_inference import build_tiny_run
+
+    return build_tiny_run(tmp_path_factory.mktemp("facedis_tiny"))
+
+
+@pytest.fixture(scope="session")
+def model(tiny_run):
+    from facedis.inference import load
+
+    return load(tiny_run["run"])
+
+
+@pytest.fixture(scope="session")
+def test_split(tiny_run):
+    from facedis.apps.common import load_split
+
+    return load_split(tiny_run["data"], "test")

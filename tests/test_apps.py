@@ -12,23 +12,6 @@ import pytest
 from test_inference import REPO, build_tiny_run  # noqa: F401  (the shared session run)
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> dict:
-    return build_tiny_run(tmp_path_factory.mktemp("facedis_tiny"))
-
-
-@pytest.fixture(scope="session")
-def model(tiny_run):
-    from facedis.inference import load
-
-    return load(tiny_run["run"])
-
-
-@pytest.fixture(scope="session")
-def test_split(tiny_run):
-    from facedis.apps.common import load_split
-
-    return load_split(tiny_run["data"], "test")
 
 
 # ---------------------------------------------------------------------------------------------
