@@ -113,7 +113,7 @@ def test_config_errors_before_any_work(tiny_config, tmp_path):
         engine.train(cfg)
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="model.kind"):
-        engine.train(tiny_config(**{"model.kind": "ridge"}))
+        engine.train(tiny_config(**{"model.kind": "pca"}))
     with pytest.raises(ConfigError, match="larger than the training split"):
         engine.train(tiny_config(**{"train.batch_size": 4096}))
 
