@@ -33,6 +33,9 @@ def test_transfer_beats_baselines_on_synthetic_gt(model, test_split):
     sc = transfer_scores(model, d, src, tgt)
     ours = sc["transfer_mm"].mean()
     assert np.isfinite(ours)
+    # closer than the mean-face baseline (the training mean face predicted for every face)
+    mean_face_mm = np.linalg.norm(np.asarray(model.mean_face)[None] - sc["gt"], axis=-1).mean() * model.mm_per_unit
+    assert ours < mean_face_mm, (ours, mean_face_mm)
     # closer than the source itself (right expression, wrong identity)
     assert ours < 0.9 * sc["source_itself_mm"].mean(), (ours, sc["source_itself_mm"].mean())
     # (not asserted: the tiny model's expression branch is weak, so the transfer is not yet
@@ -47,7 +50,7 @@ def test_transfer_beats_baselines_on_synthetic_gt(model, test_split):
     # exactly the target's predicted neutral plus the source's predicted expression offset
     np.testing.assert_allclose(sc["prediction"][0] - model.expression(d.vertices[src[0]], offset=True),
                                model.neutral(d.vertices[tgt[0]]), atol=1e-5)
-    print(f"transfer {ours:.2f} mm; mean face + GT expression {sc['mean_face_plus_expression_mm'].mean():.2f}, "
+    print(f"transfer {ours:.2f} mm; mean face {mean_face_mm:.2f}; mean face + GT expression {sc['mean_face_plus_expression_mm'].mean():.2f}, "
           f"source {sc['source_itself_mm'].mean():.2f}, target neutral {target_only:.2f}, wrong target {err_wrong:.2f}")
 
 
