@@ -146,9 +146,16 @@ def test_grid_submit_wait_aggregate(slurm_env, synth, tmp_path):
     assert len({j["job_id"].split("_")[0] for j in jobs.values()}) == 1, "expected one job array"
     assert r.stdout.count("done    ") == 4, r.stdout
 
-    st = subprocess.run([sys.executable, str(REPO / "launch" / "status.py"), str(grid), "--json"], env=slurm_env,
-                        capture_output=True, text=True, timeout=120)
-    rows = [json.loads(l) for l in st.stdout.splitlines()]
+    # submitit reports a job done once its result file exists; Slurm's accounting says COMPLETED a
+    # moment later, when the job's process has exited: poll the status tool until it catches up
+    deadline = time.time() + 90
+    while True:
+        st = subprocess.run([sys.executable, str(REPO / "launch" / "status.py"), str(grid), "--json"], env=slurm_env,
+                            capture_output=True, text=True, timeout=120)
+        rows = [json.loads(l) for l in st.stdout.splitlines()]
+        if all(x["state"] == "COMPLETED" for x in rows) or time.time() > deadline:
+            break
+        time.sleep(2)
     assert len(rows) == 4 and all(x["state"] == "COMPLETED" and x["finished"] and x["last"] for x in rows), st.stdout
 
     # resubmission skips everything
