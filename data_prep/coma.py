@@ -33,8 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import (BadFiles, add_common_arguments, finish_message, load_checked, loso,
-                              natural_key, options_dict, random_windows, stream, units, window_test_mask)
+from data_prep.common import (
+    BadFiles, add_common_arguments, finish_message, load_checked, loso, mean_per_subject, natural_key,
+    options_dict, random_windows, stream, units, window_test_mask
+)
 from data_prep.meshio import MeshReadError, read_mesh
 from facedis.shards import ShardWriter
 
@@ -298,12 +300,8 @@ def prepare(args: argparse.Namespace) -> Path:
         if counts["train"] == 0 or counts["test"] == 0:
             raise RuntimeError(f"{raw}: split {args.split!r} gives {counts} samples; need both train and test "
                                f"(sequences too short for --test-period/--test-length?)")
-        neutral = {}
-        if args.neutral_leakage:
-            leak = np.full((S, V, 3), np.nan, dtype=np.float32)
-            has = neu_n > 0
-            leak[has] = (neu_sum[has] / neu_n[has, None, None]).astype(np.float32)
-            neutral["test"] = leak
+        # --neutral-leakage: the test neutral GT averaged over train AND test frames (the reference)
+        neutral = {"test": mean_per_subject(neu_sum, neu_n)} if args.neutral_leakage else {}
         for split in ("train", "test"):
             nm = neutral.get(split, w.neutral_means(split))
             missing = [subjects[i] for i in sorted(subj_in[split]) if np.isnan(nm[i]).any()]

@@ -216,6 +216,14 @@ def _progress(total: int, desc: str, enabled: bool):
 # ---------------------------------------------------------------------------- rigid alignment
 
 
+def mean_per_subject(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(S,V,3) per-subject sums and (S,) counts -> float32 means, NaN rows where a count is 0."""
+    out = np.full(sums.shape, np.nan, dtype=np.float32)
+    has = counts > 0
+    out[has] = (sums[has] / counts[has, None, None]).astype(np.float32)
+    return out
+
+
 def kabsch(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rotation ``R`` (3,3) and translation ``t`` (3,) minimising ``||src @ R.T + t - dst||``.
 

@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import (BadFiles, add_common_arguments, finish_message, load_checked, loso, natural_key,
-                              options_dict, stream, subject_split, units, window_test_mask)
+from data_prep.common import (
+    BadFiles, add_common_arguments, finish_message, load_checked, loso, mean_per_subject, natural_key,
+    options_dict, stream, subject_split, units, window_test_mask
+)
 from data_prep.meshio import MeshReadError, read_mesh
 from facedis.shards import ShardWriter
 
@@ -177,12 +179,8 @@ def prepare(args: argparse.Namespace) -> Path:
             counts[split] += 1
         if not counts["train"] or not counts["test"]:
             raise RuntimeError(f"{csv_path}: protocol {args.protocol!r} gives {dict(counts)} meshes; need train and test")
-        neutral = {}
-        if args.neutral_leakage:
-            leak = np.full((S, V, 3), np.nan, dtype=np.float32)
-            has = neu_n > 0
-            leak[has] = (neu_sum[has] / neu_n[has, None, None]).astype(np.float32)
-            neutral["test"] = leak
+        # --neutral-leakage: the test neutral GT averaged over train AND test frames (the reference)
+        neutral = {"test": mean_per_subject(neu_sum, neu_n)} if args.neutral_leakage else {}
         meta = {
             "dataset": args.dataset_name,
             "protocol": {"loso": "leave-one-subject-out"}.get(args.protocol, args.protocol),
