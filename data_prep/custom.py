@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import sys
 from collections import defaultdict
 from pathlib import Path
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_inference import REPO, build_tiny_run  # noqa: F401  (the shared session run)
+from test_inference import REPO  # the trained-run fixtures live in conftest.py
 
 
 

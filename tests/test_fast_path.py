@@ -21,7 +21,6 @@ from facedis.step import (
     DevicePrefetcher,
     FastPath,
     Fidelity,
-    StepWeights,
     fast_fidelity,
     fast_path,
     joint_step,
