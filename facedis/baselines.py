@@ -132,11 +132,11 @@ class SupervisedRegressor(nn.Module):
     the neutral's offset from the mean face (deterministic: no sampling, no KL)."""
 
     def __init__(self, num_vertices: int, code_dim: int, width: float = 1.0, decoder_hidden: Optional[int] = None,
-                 pointwise: str = "conv"):
+                 pointwise: str = "conv", encoder_channels=None):
         super().__init__()
-        from facedis.model import MLPDecoder, PointwiseMLP, _scaled
+        from facedis.model import MLPDecoder, PointwiseMLP, _scaled, encoder_widths
 
-        c = [3] + [_scaled(w, width) for w in (64, 64, 64, 128, 1024)]
+        c = [3] + encoder_widths(width, encoder_channels)
         hidden = decoder_hidden if decoder_hidden is not None else _scaled(256, width)
         self.num_vertices = num_vertices
         self.encoder = PointwiseMLP(c, use_bn=True, pointwise=pointwise)
@@ -300,6 +300,7 @@ class _BaselineRun:
             module = self._fit_supervised()
             payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
                        "num_vertices": tr.V, "code_dim": cfg.model.id_dim, "width": cfg.model.width,
+                       "encoder_channels": list(cfg.model.encoder_channels),
                        "decoder_hidden": cfg.model.decoder_hidden, "mean_face": torch.as_tensor(self.mean_face)}
         self.module = module
         tr.vae_raw = module.to(tr.device)
@@ -362,6 +363,7 @@ class _BaselineRun:
             raise ConfigError("the supervised baseline needs at least 2 train samples with a neutral (BatchNorm)")
         torch.manual_seed(E.mix_seed(cfg.train.seed, 1))
         model = SupervisedRegressor(tr.V, cfg.model.id_dim, width=cfg.model.width,
+                                    encoder_channels=cfg.model.encoder_channels or None,
                                     decoder_hidden=cfg.model.decoder_hidden,
                                     pointwise=E.effective_pointwise(cfg)).to(dev)
         o = cfg.optim

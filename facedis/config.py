@@ -71,6 +71,8 @@ class ModelConfig:
     exp_dim: int = 4
     width: float = 1.0
     """Multiplier of the PointNet encoder's widths (1.0 = the paper's 64/64/64/128/1024)."""
+    encoder_channels: list[int] = field(default_factory=list)
+    """The encoder's five point-wise widths, overriding ``width`` when not empty (e.g. ``[64, 64, 64, 128, 128]``)."""
     decoder_hidden: int = 256
     disc_width: float = 1.0
     """Multiplier of the discriminator's widths."""
@@ -488,6 +490,10 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg.model, k.split(".")[1])
         if not v > 0:
             raise ConfigError(f"{k} must be > 0, got {v}")
+    ch = cfg.model.encoder_channels
+    if ch and (len(ch) != 5 or min(ch) < 1):
+        raise ConfigError(f"model.encoder_channels must be empty or 5 positive widths (the paper's: "
+                          f"[64, 64, 64, 128, 1024]), got {ch}")
     if cfg.train.epochs < 0 or cfg.pretrain.epochs < 0:
         raise ConfigError("train.epochs and pretrain.epochs must be >= 0")
     if cfg.train.batch_size < 2:

@@ -193,7 +193,7 @@ def build_models(cfg: Config, num_vertices: int, *, with_disc: Optional[bool] = 
     pw = effective_pointwise(cfg)
     vae = DisentanglingVAE(num_vertices, m.id_dim, m.exp_dim, width=m.width, decoder_hidden=m.decoder_hidden,
                            pointwise=pw, encoder_input=m.encoder_input,
-                           decoder_init=m.decoder_init)
+                           decoder_init=m.decoder_init, encoder_channels=m.encoder_channels or None)
     want_d = cfg.method.id_discriminator if with_disc is None else with_disc
     disc = None
     if want_d:
@@ -756,13 +756,17 @@ class _Trainer:
     def _loader(self, epoch: int):
         from torch.utils.data import DataLoader
 
+        from facedis import data as fdata
+
         if hasattr(self.train_ds, "set_epoch"):
             self.train_ds.set_epoch(epoch)
         g = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, 3, epoch, self.rank))
         nw = self.cfg.data.num_workers
-        return DataLoader(self.train_ds, sampler=self.sampler, batch_size=None, num_workers=nw, generator=g,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False,
-                          prefetch_factor=2 if nw > 0 else None)
+        if nw > 0:  # workers gather into reused shared-memory slots; each batch is consumed before the next
+            return fdata.SlotLoader(self.train_ds, max_batch=self.sampler.local_batch, num_workers=nw,
+                                    sampler=self.sampler, batch_size=None, generator=g, pin_memory=self.device.type == "cuda",
+                                    persistent_workers=False)
+        return DataLoader(self.train_ds, sampler=self.sampler, batch_size=None, num_workers=0, generator=g)
 
     def _prefetch(self, loader):
         try:

@@ -70,6 +70,7 @@ def _infer_model_args(state: dict) -> dict:
     """Constructor arguments of ``DisentanglingVAE`` read off the weights' shapes."""
     c5 = state["encoder.conv5.weight"].shape[0]  # round(1024 * width)
     return {
+        "encoder_channels": [state[f"encoder.conv{i}.weight"].shape[0] for i in range(1, 6)],
         "num_vertices": state["id_decoder.fc2.weight"].shape[0] // 3,
         "id_dim": state["fc_id_mu.weight"].shape[0],
         "exp_dim": state["fc_exp_mu.weight"].shape[0],
@@ -201,7 +202,7 @@ class FaceModel:
         nv = _first(ckpt, "num_vertices")
         if nv is not None and int(nv) != args["num_vertices"]:
             raise ValueError(f"{ckpt_path}: num_vertices={int(nv)} but the decoders output {args['num_vertices']}")
-        if "width" in mcfg:
+        if "width" in mcfg and not mcfg.get("encoder_channels"):
             args["width"] = float(mcfg["width"])
         vae = DisentanglingVAE(pointwise=str(mcfg.get("pointwise", "conv")), **args)
         vae.load_state_dict(state, strict=True)

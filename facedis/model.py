@@ -26,7 +26,7 @@ matters only when loading the authors' weights (permute the rows of the last Lin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -77,6 +77,21 @@ def _check_pointwise(pointwise: str) -> str:
 
 def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
+
+
+ENCODER_WIDTHS = (64, 64, 64, 128, 1024)
+"""The PointNet encoder's point-wise layer widths at ``width=1`` (method-spec §1.1)."""
+
+
+def encoder_widths(width: float = 1.0, channels: Optional[Sequence[int]] = None) -> list[int]:
+    """The encoder's five point-wise widths: ``channels`` when given, else the paper's scaled by ``width``."""
+    if channels:
+        c = [int(x) for x in channels]
+        if len(c) != len(ENCODER_WIDTHS) or min(c) < 1:
+            raise ValueError(f"encoder channels must be {len(ENCODER_WIDTHS)} positive widths "
+                             f"(the paper's: {list(ENCODER_WIDTHS)}), got {list(channels)}")
+        return c
+    return [_scaled(w, width) for w in ENCODER_WIDTHS]
 
 
 class PointwiseMLP(nn.Module):
@@ -349,6 +364,10 @@ class DisentanglingVAE(nn.Module):
             scale, which an absolute-coordinate PointNet needs very many steps to amplify. The
             offset channels give them unit scale. Set the reference (the training mean face)
             and scale with :meth:`set_input_reference`; both are buffers saved with the weights.
+        encoder_channels: the encoder's five point-wise widths, overriding ``width`` (e.g.
+            ``[64, 64, 64, 128, 128]``: the paper's first four layers with a narrow global feature,
+            a slim network that still sees fine geometry; ``width`` scales all five, and at 0.125
+            the first layers are only 8 wide).
         decoder_init: ``"default"`` (PyTorch's default init, as the reference: the untrained
             decoders output random offsets of O(1) model units, i.e. hundreds of mm) or ``"zero"``
             (the decoders' output layers start at zero, so an untrained model predicts the mean
@@ -373,13 +392,14 @@ class DisentanglingVAE(nn.Module):
         pointwise: str = "conv",
         encoder_input: str = "absolute",
         decoder_init: str = "default",
+        encoder_channels: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         if encoder_input not in ENCODER_INPUTS:
             raise ValueError(f"encoder_input={encoder_input!r}; valid choices: {ENCODER_INPUTS}")
         self.num_vertices, self.id_dim, self.exp_dim = num_vertices, id_dim, exp_dim
         self.encoder_input = encoder_input
-        c = [3 if encoder_input == "absolute" else 6] + [_scaled(w, width) for w in (64, 64, 64, 128, 1024)]
+        c = [3 if encoder_input == "absolute" else 6] + encoder_widths(width, encoder_channels)
         if encoder_input != "absolute":
             self.register_buffer("input_reference", torch.zeros(num_vertices, 3))
             self.register_buffer("input_offset_scale", torch.ones(()))

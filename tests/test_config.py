@@ -30,6 +30,8 @@ def test_wrong_types_and_choices():
         load_config(CONFIGS / "synth.yaml", ["method.neutral_gt=maybe"])
     with pytest.raises(ConfigError, match="must be > 0"):
         load_config(CONFIGS / "synth.yaml", ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match="encoder_channels must be empty or 5"):
+        load_config(CONFIGS / "synth.yaml", ["model.encoder_channels=[64, 64]"])
 
 
 def test_unknown_key_in_yaml(tmp_path):

@@ -146,3 +146,56 @@ def test_distributed_sampler(root):
             assert torch.equal(b["partner_index"], torch.from_numpy(ds.partner_indices(b["index"].numpy(), epoch=1)))
     seen = torch.cat(seen)
     assert sorted(seen.tolist()) == list(range(len(ds)))
+
+
+def _batches(loader, keys, hold=0):
+    """Clone each batch's ``keys``; with ``hold`` keep references to the last ``hold`` batches and
+    check they are unchanged when the next arrives (the SlotLoader's validity contract)."""
+    import time
+    from collections import deque
+
+    out, held = [], deque(maxlen=hold or 1)
+    for b in loader:
+        for ref, copy in (held if hold else []):
+            for k in keys:
+                assert torch.equal(ref[k], copy[k]), f"a held batch was overwritten ({k})"
+        c = {k: b[k].clone() for k in keys}
+        out.append(c)
+        if hold:
+            held.append((b, c))
+            time.sleep(0.002)  # let the workers run ahead and fill every slot in flight
+    return {k: torch.cat([c[k] for c in out]) for k in keys}
+
+
+@pytest.mark.parametrize("in_memory,pair", [("yes", False), ("no", False), ("yes", True)])
+def test_slot_loader_matches_in_process(root, in_memory, pair):
+    from facedis.data import SlotLoader
+
+    keys = ["a", "b", "same", "b_index"] if pair else ["vertices", "partner", "neutral", "partner_index", "level"]
+    kw = dict(batch_size=8, shuffle=False, seed=5, drop_last=False, in_memory=in_memory, pair=pair)
+    base = make_train_loader(root, "train", num_workers=0, **kw)
+    loader = make_train_loader(root, "train", num_workers=2, reuse_buffers=True, **kw)
+    assert isinstance(loader, SlotLoader) and len(loader) == len(base)
+    for epoch in (0, 3):  # the last batch is smaller (drop_last=False); set_epoch reaches the workers
+        base.dataset.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)
+        ref, got = _batches(base, keys), _batches(loader, keys, hold=2)
+        for k in keys:
+            assert torch.equal(got[k], ref[k]), k
+
+
+def test_slot_loader_spawn_and_sampler(root):
+    """Spawned workers receive the shared slots; a sampler of index lists (the engine's way)."""
+    from facedis.data import SlotLoader
+    from facedis.distributed import GlobalBatchSampler
+
+    ds = FaceDataset(root, "train", in_memory="yes", seed=1)
+    sampler = GlobalBatchSampler(len(ds), 6, seed=3)
+    loader = SlotLoader(ds, max_batch=6, num_workers=1, sampler=sampler, batch_size=None,
+                        multiprocessing_context="spawn")
+    got = _batches(loader, ["vertices", "index"], hold=2)
+    idx = torch.cat([torch.as_tensor(b) for b in sampler])
+    assert torch.equal(got["index"], idx)
+    assert torch.equal(got["vertices"], ds.data.vertices[idx])
+    with pytest.raises(ValueError, match="slots hold"):  # a batch larger than the slots is refused
+        SlotLoader(ds, max_batch=2, num_workers=1, batch_size=4).__iter__().__next__()

@@ -160,3 +160,11 @@ def test_global_batch_sampler_shards_the_same_global_batches():
     assert list(one) == a[2:]
     one.set_epoch(5)
     assert list(one) != a
+
+
+def test_worker_processes_train_like_in_process(tiny_config, tmp_path):
+    """data.num_workers=2 (SlotLoader: workers gather into shared slots) gives the same run."""
+    a = engine.train(tiny_config(**{"train.epochs": 1, "run.dir": str(tmp_path / "w0")}))
+    b = engine.train(tiny_config(**{"train.epochs": 1, "run.dir": str(tmp_path / "w2"), "data.num_workers": 2}))
+    for k in ("train/total", "train/recon", "train/disc", "E_rec_mean", "AVD_neu_mean"):
+        assert a[k] == b[k], k
