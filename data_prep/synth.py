@@ -116,6 +116,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="expression offsets identical for every identity (purely additive model)")
     p.add_argument("--interaction-strength", type=float, default=1.0,
                    help="λ in E_sk = E_k + λ (J_s − I) E_k (1 = deformation transfer); default 1")
+    p.add_argument("--identity-modes", type=int, default=100,
+                   help="draw identities from the K leading PCA modes of ICT's 100 (the rest 0); default 100")
     p.add_argument("--no-pose", dest="pose", action="store_false", help="no per-frame head-pose change")
     p.add_argument("--pose-deg", type=float, default=2.0, help="std of yaw/pitch/roll per frame, degrees; default 2")
     p.add_argument("--pose-mm", type=float, default=1.5, help="std of translation per axis per frame, mm; default 1.5")
@@ -136,7 +138,7 @@ def prepare(args: argparse.Namespace) -> Path:
 def options_from_args(args: argparse.Namespace) -> dict:
     keys = ("subjects", "per_subject", "frames_per_sequence", "region", "vertices", "seed", "protocol",
             "test_fraction", "identity_interaction", "interaction_strength", "pose", "pose_deg", "pose_mm",
-            "noise_mm")
+            "noise_mm", "identity_modes")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -256,7 +258,7 @@ def _level_profile(L: int) -> np.ndarray:
 def generate(*, subjects: int, per_subject: int, frames_per_sequence: int, region: str, vertices: int,
              seed: int, protocol: str, test_fraction: float, identity_interaction: bool,
              interaction_strength: float, pose: bool, pose_deg: float, pose_mm: float, noise_mm: float,
-             basis: dict | None = None) -> dict:
+             identity_modes: int = 100, basis: dict | None = None) -> dict:
     """Generate the data set in memory (metres are converted to stored units here).
 
     Returns ``{"template", "triangles", "vertex_index_map", "landmarks", "landmark_ids",
@@ -273,10 +275,14 @@ def generate(*, subjects: int, per_subject: int, frames_per_sequence: int, regio
         raise ValueError("unseen-identity needs at least 2 subjects")
     if frames_per_sequence < 2:
         raise ValueError("--frames-per-sequence must be >= 2")
+    if not 1 <= identity_modes <= 100:
+        raise ValueError("--identity-modes must be in [1, 100]")
     options = dict(subjects=subjects, per_subject=per_subject, frames_per_sequence=frames_per_sequence,
                    region=region, vertices=vertices, seed=seed, protocol=protocol, test_fraction=test_fraction,
                    identity_interaction=identity_interaction, interaction_strength=interaction_strength,
                    pose=pose, pose_deg=pose_deg, pose_mm=pose_mm, noise_mm=noise_mm)
+    if identity_modes != 100:  # recorded only when used: the default data sets keep their content hash
+        options["identity_modes"] = identity_modes
     b = basis if basis is not None else load_basis()
     vmap, tris, crop_map, crop_tris = region_topology(b, region, vertices)
     V = len(vmap)
@@ -312,6 +318,7 @@ def generate(*, subjects: int, per_subject: int, frames_per_sequence: int, regio
     for s in range(subjects):
         id_rng = np.random.default_rng([seed, 1, s])
         beta = id_rng.standard_normal(id_crop.shape[2])
+        beta[identity_modes:] = 0.0  # same draws for every K: K=100 is the full model
         neutral_crop = t_crop + (id_crop2 @ beta).reshape(Vc, 3)
         neutral = neutral_crop[kept_in_crop]
         identity[s] = neutral

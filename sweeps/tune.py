@@ -57,6 +57,7 @@ SMOKE_SET: dict[str, Any] = {
     "train.log_every_steps": 1000,
     "train.cpu": True,
     "model.width": 0.125,
+    "model.encoder_channels": [],
     "model.decoder_hidden": 32,
     "model.disc_width": 0.125,
     "pretrain.epochs": 1,

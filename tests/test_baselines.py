@@ -47,7 +47,7 @@ def _cfg(root: Path, run_dir: Path, kind: str, **extra):
     over = {"data.root": str(root), "data.prepare": [], "model.kind": kind, "run.dir": str(run_dir),
             "train.epochs": 2, "train.batch_size": 8, "train.eval_batch_size": 7, "train.eval_every": 1,
             "train.cpu": True, "train.progress": False, "run.tensorboard": False, "model.width": 0.125,
-            "model.decoder_hidden": 16, "model.ridge_alphas": ALPHAS, "method.id_discriminator": False}
+            "model.encoder_channels": [], "model.decoder_hidden": 16, "model.ridge_alphas": ALPHAS, "method.id_discriminator": False}
     over.update(extra)
     return load_config(REPO / "configs" / "synth.yaml", overrides=over)
 
@@ -181,8 +181,9 @@ def test_supervised_trains_and_metrics_match_its_weights(data, tmp_path):
     # recompute the predictions from the saved weights and check the metrics with numpy
     payload = torch.load(run_dir / "baseline.pt", map_location="cpu", weights_only=True)
     assert payload["format"] == "facedis-baseline/1" and payload["kind"] == "supervised"
+    assert payload["encoder_channels"] == []
     net = B.SupervisedRegressor(payload["num_vertices"], payload["code_dim"], width=0.125, decoder_hidden=16,
-                                pointwise="linear")
+                                pointwise="linear", encoder_channels=payload["encoder_channels"] or None)
     net.load_state_dict(payload["state_dict"])
     net.eval()
     t = _split(data["seen"], "test")

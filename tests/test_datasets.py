@@ -553,7 +553,7 @@ def _train_tiny(root: Path, run_dir: Path, dataset: str) -> dict:
                   None)
     cfg = load_config(preset,
                       [f"data.root={root}", f"dataset={dataset}", "train.epochs=1", "pretrain.epochs=1",
-                       "model.width=0.125", "train.batch_size=8", "pretrain.batch_size=8", "train.eval_batch_size=16", "train.cpu=true",
+                       "model.width=0.125", "model.encoder_channels=[]", "train.batch_size=8", "pretrain.batch_size=8", "train.eval_batch_size=16", "train.cpu=true",
                        "train.progress=false", f"run.dir={run_dir}", f"run.artefact_dir={run_dir}/_art"])
     metrics = eng.train(cfg)
     assert np.isfinite(metrics["E_rec_mean"]), metrics

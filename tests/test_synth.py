@@ -134,6 +134,22 @@ def test_neutral_gt_is_exact_identity_mesh(tiny):
                 assert np.isnan(neu[s]).all()
 
 
+def test_identity_modes_keeps_the_leading_modes():
+    b = synth.load_basis()
+    full = synth.generate(**tiny_opts(pose=False))
+    d = synth.generate(**tiny_opts(pose=False, identity_modes=3))
+    assert "identity_modes" not in full["options"] and d["options"]["identity_modes"] == 3
+    vmap = d["vertex_index_map"]
+    for s in range(6):
+        beta = np.random.default_rng([0, 1, s]).standard_normal(100)
+        beta[3:] = 0.0  # the same draws as the full model, tail set to zero
+        exact = (b["template"][vmap].astype(np.float64) + b["iddirs"][vmap].astype(np.float64) @ beta) / 0.26
+        np.testing.assert_allclose(d["identity"][s], exact, atol=2e-6)
+    assert not np.allclose(d["identity"], full["identity"], atol=1e-3)
+    with pytest.raises(ValueError, match="identity-modes"):
+        synth.generate(**tiny_opts(identity_modes=0))
+
+
 def test_neutral_frames_levels_and_switches():
     d = synth.generate(**tiny_opts(identity_interaction=False, pose=False))
     for split, s in d["splits"].items():
