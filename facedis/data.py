@@ -8,7 +8,7 @@ Public API::
     make_train_loader(info_or_root, split, batch_size, shuffle=True, seed=0, num_workers=0,
                       drop_last=True, in_memory="auto", with_partner=True, pair=False,
                       reuse_buffers=False, **loader_kwargs)
-    SlotLoader(dataset, batch_size=..., num_workers=..., **loader_kwargs)  # workers write into reused shared slots
+    SlotLoader(dataset, max_batch=..., num_workers=..., **loader_kwargs)  # workers write into reused shared slots
     collate_batch(batch) -> dict       # the collate_fn for the batched fast path
 
 Randomness (partners, pair labels) is a pure function of ``(seed, epoch, index)``: call
@@ -351,11 +351,13 @@ class _Slots:
 
 class SlotLoader:
     """A DataLoader whose workers write batches into reused shared-memory slots
-    (:class:`_Slots`) of ``max_batch`` items. ``loader_kwargs`` go to the DataLoader (``batch_size``,
-    or ``batch_size=None`` with a sampler that yields index lists). Iterating yields dict batches whose tensors are *views of the slots*: a batch
-    stays valid while the consumer holds at most ``hold`` (default 2) newer batches, which is what
-    a training loop does; ``.clone()`` what you keep longer. With ``num_workers=0`` it is a plain
-    DataLoader (in-process gathers, fresh tensors).
+    (:class:`_Slots`) of ``max_batch`` items. ``loader_kwargs`` go to the DataLoader
+    (``batch_size``, or ``batch_size=None`` with a sampler that yields index lists).
+
+    Iterating yields dict batches whose tensors are *views of the slots*: a batch stays valid
+    while the consumer holds at most ``hold`` (default 2) newer batches, which is what a training
+    loop does; ``.clone()`` what you keep longer. With ``num_workers=0`` it is a plain DataLoader
+    (in-process gathers, fresh tensors).
 
     Used by the engine when ``data.num_workers > 0`` and by ``make_train_loader(reuse_buffers=True)``.
     """
@@ -364,8 +366,9 @@ class SlotLoader:
                  hold: int = 2, **loader_kwargs: Any):
         self.dataset = dataset
         self.num_workers = int(num_workers)
+        self.slots: _Slots | None = None
         if self.num_workers > 0:
-            dataset.attach_slots(_Slots(self.num_workers, prefetch_factor, dataset.batch_nbytes(max_batch), hold))
+            self.slots = _Slots(self.num_workers, prefetch_factor, dataset.batch_nbytes(max_batch), hold)
             loader_kwargs.update(num_workers=self.num_workers, prefetch_factor=prefetch_factor)
         else:
             loader_kwargs.update(num_workers=0)
@@ -376,9 +379,13 @@ class SlotLoader:
         return len(self.loader)
 
     def __iter__(self):
-        slots = self.dataset.slots if self.num_workers > 0 else None
-        if slots is not None and not self.loader.persistent_workers:
-            slots.reset()
+        slots = self.slots
+        if slots is not None:
+            # (re)attached here: the workers see the dataset as it is when they start, and another
+            # SlotLoader over the same dataset may have attached its own slots since
+            self.dataset.attach_slots(slots)
+            if not self.loader.persistent_workers:
+                slots.reset()
         buf = slots.buffer if slots is not None else None
         for item in self.loader:
             if isinstance(item, _SlotRef):

@@ -199,3 +199,16 @@ def test_slot_loader_spawn_and_sampler(root):
     assert torch.equal(got["vertices"], ds.data.vertices[idx])
     with pytest.raises(ValueError, match="slots hold"):  # a batch larger than the slots is refused
         SlotLoader(ds, max_batch=2, num_workers=1, batch_size=4).__iter__().__next__()
+
+
+def test_two_slot_loaders_over_one_dataset(root):
+    """Each SlotLoader keeps its own slots, even after another one was built over the same dataset."""
+    from facedis.data import SlotLoader
+
+    ds = FaceDataset(root, "train", in_memory="yes", seed=1)
+    a = SlotLoader(ds, max_batch=8, num_workers=2, batch_size=8)
+    b = SlotLoader(ds, max_batch=4, num_workers=1, batch_size=4)
+    for loader in (a, b, a):
+        got = _batches(loader, ["vertices", "index"], hold=2)
+        assert torch.equal(got["vertices"], ds.data.vertices[got["index"]])
+        assert torch.equal(got["index"], torch.arange(len(ds)))  # every item once, in order (no shuffle)
