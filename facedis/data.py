@@ -278,21 +278,18 @@ class _SplitData:
 
 def _layout(specs: list[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[list, int]:
     """Byte layout of named tensors packed into one buffer (64-byte aligned): ``[(name, offset,
-    shape, dtype)], total bytes``."""
+    nbytes, shape, dtype)], total bytes``."""
     layout, total = [], 0
     for name, shape, dt in specs:
-        layout.append((name, total, tuple(int(x) for x in shape), dt))
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()
+        shape = tuple(int(x) for x in shape)
+        nbytes = int(np.prod(shape)) * dt.itemsize
+        layout.append((name, total, nbytes, shape, dt))
         total += (nbytes + 63) // 64 * 64
     return layout, total
 
 
 def _carve(buf: torch.Tensor, layout: list) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, off, shape, dt in layout:
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()
-        out[name] = buf[off:off + nbytes].view(dt).view(shape)
-    return out
+    return {name: buf[off:off + nbytes].view(dt).view(shape) for name, off, nbytes, shape, dt in layout}
 
 
 def _new_buffer(total: int) -> torch.Tensor:

@@ -24,3 +24,16 @@ def make_batch(B, V, seed=0, dtype=torch.float32):
     base = torch.randn(V, 3, generator=g) * 0.3
     f = lambda: (base + 0.05 * torch.randn(B, V, 3, generator=g)).to(dtype)  # noqa: E731
     return {"vertices": f(), "partner": f(), "neutral": f()}, base.to(dtype)
+
+
+def assert_same_run(la, lb, pairs, rtol, atol):
+    """Two runs agree: the logged losses ``la``/``lb`` and, for each ``(a, b)`` in ``pairs``, the
+    modules' parameters and BatchNorm running statistics (``b`` checked against ``a``)."""
+    assert la.keys() == lb.keys()
+    for k in la:
+        torch.testing.assert_close(lb[k], la[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+    for a, b in pairs:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")

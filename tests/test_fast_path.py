@@ -27,7 +27,7 @@ from facedis.step import (
     step_flops,
 )
 
-from step_helpers import WEIGHTS, grid_mesh, make_batch  # noqa: E402
+from step_helpers import WEIGHTS, assert_same_run, grid_mesh, make_batch  # noqa: E402
 
 
 # ---- the fused layer -------------------------------------------------------------------------
@@ -125,22 +125,11 @@ def _faithful_vs_fast(use_bn, neutral_gt, dtype, steps=2):
     return la, lb, [(vae, vae_f), (disc, disc_f)]
 
 
-def _assert_same(la, lb, pairs, rtol, atol):
-    assert la.keys() == lb.keys()
-    for k in la:
-        torch.testing.assert_close(lb[k], la[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
-    for a, b in pairs:  # parameters and BN running statistics
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            torch.testing.assert_close(sb[k], sa[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
-
-
 @pytest.mark.parametrize("use_bn", [True, False])
 @pytest.mark.parametrize("neutral_gt", [False, True])
 def test_fast_path_gives_identical_updates_float64(use_bn, neutral_gt):
     la, lb, pairs = _faithful_vs_fast(use_bn, neutral_gt, torch.float64, steps=3)
-    _assert_same(la, lb, pairs, rtol=1e-9, atol=1e-10)
+    assert_same_run(la, lb, pairs, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("neutral_gt", [False, True])
@@ -149,7 +138,7 @@ def test_fast_path_gives_identical_updates_fp32(neutral_gt):
     # 6 reference runs): the D's BN over 2B = 8 rows amplifies fp32 round-off to ~1e-4 relative in
     # two steps whatever the implementation (docs/fidelity.md); float64 above covers it exactly.
     la, lb, pairs = _faithful_vs_fast(False, neutral_gt, torch.float32, steps=2)
-    _assert_same(la, lb, pairs, rtol=1e-4, atol=2e-5)
+    assert_same_run(la, lb, pairs, rtol=1e-4, atol=2e-5)
 
 
 def test_bf16_loss_curve_tracks_fp32():

@@ -19,7 +19,7 @@ from facedis.step import (
     step_flops,
 )
 
-from step_helpers import WEIGHTS, grid_mesh, make_batch  # noqa: E402
+from step_helpers import WEIGHTS, assert_same_run, grid_mesh, make_batch  # noqa: E402
 
 
 def build(V=30, width=0.25, use_bn=True, pointwise="conv", seed=0):
@@ -62,10 +62,6 @@ def test_joint_step_runs_and_updates_everything():
         assert not torch.equal(p, before[k]), f"{k} was not updated"
 
 
-def _state(m):
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
-
-
 def _fast_vs_faithful(use_bn, neutral_gt, dtype, steps=2):
     V, B = 30, 4
     tri = grid_mesh(5, 6)
@@ -84,17 +80,6 @@ def _fast_vs_faithful(use_bn, neutral_gt, dtype, steps=2):
     return la, lb, (vae, vae_f), (disc, disc_f)
 
 
-def _assert_same(la, lb, pairs, rtol, atol):
-    assert la.keys() == lb.keys()
-    for k in la:
-        torch.testing.assert_close(la[k], lb[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
-    for a, b in pairs:  # parameters and BN running statistics
-        sa, sb = _state(a), _state(b)
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
-
-
 @pytest.mark.parametrize("use_bn", [True, False])
 @pytest.mark.parametrize("neutral_gt", [False, True])
 def test_fast_path_gives_identical_updates_exactly(use_bn, neutral_gt):
@@ -102,14 +87,14 @@ def test_fast_path_gives_identical_updates_exactly(use_bn, neutral_gt):
     update of the reference: in float64 the two runs agree to round-off (1e-10), including BN
     running stats, the D's dropout masks and the shuffle (same RNG stream)."""
     la, lb, vaes, discs = _fast_vs_faithful(use_bn, neutral_gt, torch.float64)
-    _assert_same(la, lb, [vaes, discs], rtol=1e-9, atol=1e-10)
+    assert_same_run(la, lb, [vaes, discs], rtol=1e-9, atol=1e-10)
 
 
 def test_fast_path_gives_identical_updates_fp32():
     # fp32: round-off only. (With the D's BN over tiny batches, fp32 round-off is amplified to
     # ~1e-4 relative within two steps; the float64 test above shows the math is identical.)
     la, lb, vaes, discs = _fast_vs_faithful(False, False, torch.float32)
-    _assert_same(la, lb, [vaes, discs], rtol=1e-4, atol=2e-5)
+    assert_same_run(la, lb, [vaes, discs], rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("option", ["analytic_kl", "reencode_mu"])
