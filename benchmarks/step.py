@@ -1,4 +1,4 @@
-"""Benchmark: the faithful fp32 eager joint step vs the fast step (GitHub issue #11).
+"""Benchmark: the faithful fp32 eager joint step vs the fast step (docs/fidelity.md, "The fast path").
 
 In ONE run, at the CoMA shape (V=5023, d=4+4, −ne-gt: Laplacian on, D on, no BN in the joint D)
 and the FaceScape shape (V=4547, d=64+64), it times

@@ -1,8 +1,8 @@
 """BU-3DFE (registered, one topology) -> facedis shards.
 
 Raw: ``*.wrl`` files named ``[FM]NNNN_XXLLRR_F3D.wrl`` anywhere under ``--raw`` (e.g. ``F0001/``
-sub-folders), a *registered* BU-3DFE in which every file has the same topology (method-spec §4.2:
-the reference code needs one but never says where it comes from). Files are parsed by a real VRML
+sub-folders), a *registered* BU-3DFE in which every file has the same topology (the reference
+code needs one but never says where it comes from; docs/method.md#bu-3dfe). Files are parsed by a real VRML
 ``IndexedFaceSet`` reader (:func:`data_prep.meshio.read_wrl`), not by fixed line numbers; a file
 whose topology differs from the first file's stops preparation with an error naming it.
 

@@ -2,7 +2,7 @@
 
 Raw layout: ``<raw>/FaceTalk_<...>/<sequence>/<sequence>.NNNNNN.ply`` (FLAME topology, 5,023 v, metres).
 
-Labels (method-spec §4.1, without the reference code's bugs):
+Labels (docs/method.md#coma, without the reference code's bugs):
 
 - expression level per frame = mean per-vertex distance to the sequence's first frame; frames whose
   level has a z-score > ``--outlier-z`` within the sequence are dropped (one-sided, recorded in

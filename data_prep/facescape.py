@@ -4,7 +4,7 @@ Raw: ``<raw>/<id>/models_reg/<k>_<name>.obj`` (26,317 v / 52,261 f; 20 expressio
 ``20_brow_lower``), millimetres. Missing expressions are normal in FaceScape: they are listed in
 meta.json ``missing`` (not errors).
 
-Decimation replaces the reference's manual MeshLab step (method-spec §4.3): quadric edge-collapse
+Decimation replaces the reference's manual MeshLab step (docs/method.md#facescape): quadric edge-collapse
 decimation of ``<template-subject>/models_reg/1_neutral.obj`` to ``--target-faces`` (9,000), every
 decimated vertex snapped to its nearest original vertex, **deduplicated**, triangles cleaned
 (:func:`data_prep.mesh_ops.decimate`). The resulting ``vertex_index_map`` is stored in meta.h5 and

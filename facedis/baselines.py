@@ -1,4 +1,4 @@
-"""Baselines in the same harness as the method (GitHub issue #10), selected by ``model.kind``.
+"""Baselines in the same harness as the method, selected by ``model.kind``.
 
 ==================  ==========================================================================
 ``model.kind``      predicted identity (neutral) of an input face ``x``
@@ -19,9 +19,10 @@
                     deep baseline (Conv-MeshAE on expressive -> neutral pairs, Kacem et al.)
 ==================  ==========================================================================
 
-They load data, evaluate and write their run directory through the engine
-(``facedis.engine``): the same ``FaceDataset`` splits, the same test-split evaluation
-(``_Trainer.evaluate``: E_rec, AVD_neu, AVD_neu_meanface, both E_dis, Kabsch for BU-3DFE) and
+They are set up, evaluated and written like the method's runs (``facedis.components.open_run``,
+``facedis.evaluation.evaluate``, ``facedis.rundir.RunDir``; the supervised regressor trains
+through ``facedis.loop.train_one_epoch``): the same ``FaceDataset`` splits, the same test-split
+evaluation (E_rec, AVD_neu, AVD_neu_meanface, both E_dis, Kabsch for BU-3DFE) and
 the same files (``config.yaml``, ``provenance.json``, ``metrics.jsonl``, atomic ``metrics.json``),
 so ``launch/aggregate.py`` tables them next to the method. Baselines are wrapped as modules with
 the VAE's ``forward(x, mode="mean")`` contract (offsets from ``M̄``), computing in float64 so
@@ -44,8 +45,6 @@ restarts from epoch 0 (no checkpoints: it is small).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -57,7 +56,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from facedis.config import Config, ConfigError, config_from_dict, config_to_dict, validate
+from facedis.components import OpenRun, open_run, pointwise_mode
+from facedis.config import Config, ConfigError, config_to_dict
+from facedis.distributed import mix_seed
+from facedis.evaluation import eval_line, evaluate, summary
+from facedis.loop import LossMeter, LoopState, fetch, progress_bar, train_one_epoch
+from facedis.runtime import seed_everything
+from facedis.step import FP32
 
 BASELINE_KINDS = ("mean_face", "identity_map", "ridge", "supervised")
 VAL_FRACTION = 0.2
@@ -226,102 +231,104 @@ def fit_ridge(X: np.ndarray, Y: np.ndarray, subjects: np.ndarray, alphas, seed: 
 
 
 # ---------------------------------------------------------------------------------------------
-# data through the engine's loaders
+# the supervised regressor's training step
 # ---------------------------------------------------------------------------------------------
-def _split_arrays(ds, chunk: int = 256) -> dict[str, np.ndarray]:
-    """A whole split of a ``FaceDataset`` as numpy arrays (vertices, neutral, subject, ...)."""
-    from facedis.engine import _fetch
+def supervised_step(model: SupervisedRegressor, opt: torch.optim.Optimizer, batch: dict, weight: float,
+                    updates=FP32) -> dict[str, torch.Tensor]:
+    """One step on face -> neutral-offset pairs (``vertices``, ``target`` (B,V,3)):
+    ``weight`` · MSE, backward, optimiser step. Returns the detached loss as ``neutral_recon``."""
+    model.train()
+    with updates.autocast():
+        pred = model.offset(batch["vertices"])
+    loss = weight * F.mse_loss(pred.float(), batch["target"])
+    opt.zero_grad(set_to_none=True)
+    updates.backward(loss, opt)
+    updates.step(opt)
+    return {"neutral_recon": loss.detach()}
 
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+def split_arrays(ds, chunk: int = 256) -> dict[str, np.ndarray]:
+    """A whole split of a ``FaceDataset`` as numpy arrays (vertices, neutral, subject, index)."""
     n = len(ds)
     parts: dict[str, list] = {}
     for i in range(0, n, chunk):
-        b = _fetch(ds, list(range(i, min(n, i + chunk))))
+        b = fetch(ds, list(range(i, min(n, i + chunk))))
         for k in ("vertices", "neutral", "subject", "index"):
             if k in b:
                 parts.setdefault(k, []).append(b[k].numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _with_neutral(arr: dict) -> dict:
-    ok = np.isfinite(arr["neutral"]).all(axis=(1, 2))
-    return {k: v[ok] for k, v in arr.items()}
+def run_baseline(cfg: Config, report: Optional[Reporter] = None) -> dict:
+    """Fit (or train) the baseline ``cfg.model.kind``, evaluate it on the test split, write the run
+    directory like the method's run and return the final metrics (``metrics.json``)."""
+    if cfg.model.kind not in BASELINE_KINDS:
+        raise ConfigError(f"model.kind={cfg.model.kind!r} is not a baseline; valid: {', '.join(BASELINE_KINDS)}")
+    return _BaselineRun(open_run(cfg, with_train=False), report).run()
 
 
-# ---------------------------------------------------------------------------------------------
-# the run
-# ---------------------------------------------------------------------------------------------
 class _BaselineRun:
-    def __init__(self, cfg: Config, report: Optional[Reporter]):
-        from facedis import engine
+    """One baseline run: fit, evaluate with the method's evaluation, write the run directory."""
 
-        cfg = config_from_dict(config_to_dict(cfg))
-        validate(cfg)
-        if cfg.model.kind not in BASELINE_KINDS:
-            raise ConfigError(f"model.kind={cfg.model.kind!r} is not a baseline; valid: {', '.join(BASELINE_KINDS)}")
-        self.cfg, self.report, self.E = cfg, report, engine
-        # The engine's trainer owns the Accelerator, the data loading, the run-directory files and
-        # the evaluation; it is built for the VAE, so it gets a copy that says model.kind=vae and
-        # is then handed the real config (written to config.yaml).
-        as_vae = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind="vae"))
-        tr = engine._Trainer(as_vae, eval_only=True)
-        tr.cfg = cfg
-        self.tr = tr
-
-    def run(self) -> dict:
-        tr, cfg, E = self.tr, self.cfg, self.E
-        tr._make_accelerator()
-        tr._ensure_data()
-        tr._load_data()
-        tr._setup_run_dir()
-        self.run_dir = tr.run_dir
-        done = self.run_dir / "metrics.json"
-        if done.is_file():
-            tr._print(f"[facedis] {self.run_dir} is already finished (metrics.json exists); nothing to do")
-            return json.loads(done.read_text())
-        tr.pretrain_record = {"skipped": f"baseline model.kind={cfg.model.kind}: no discriminator"}
-        tr._write_provenance({"baseline": cfg.model.kind})
-        if tr.is_main:
-            E._atomic_write_text(self.run_dir / "metrics.jsonl", "")  # a rerun starts over
-        E._seed_everything(cfg.train.seed)
-        self.mean_face = np.asarray(tr.info.mean_face, dtype=np.float32)
+    def __init__(self, run: OpenRun, report: Optional[Reporter]):
+        self.cfg, self.rt, self.data, self.rd = run.cfg, run.rt, run.data, run.run_dir
+        self.started_at = run.started_at
+        self.report = report
         self.extra: dict = {}
         self.last_train: dict = {}
-        self.epochs_done, self.global_step = 0, 0
+        self.epochs_done = self.global_step = 0
+
+    def run(self) -> dict:
+        cfg, rt, rd = self.cfg, self.rt, self.rd
+        finished = rd.finished_metrics()
+        if finished is not None:
+            rt.print(f"[facedis] {rd.path} is already finished (metrics.json exists); nothing to do")
+            return finished
         kind = cfg.model.kind
+        rd.write_provenance(cfg, info=self.data.info, world_size=rt.world, device=rt.device, precision=rt.precision,
+                            started_at=self.started_at,
+                            pretrained_disc={"skipped": f"baseline model.kind={kind}: no discriminator"},
+                            session={"baseline": kind})
+        rd.reset_metrics()  # a rerun starts over
+        seed_everything(cfg.train.seed)
+        self.mean_face = np.asarray(self.data.info.mean_face, dtype=np.float32)
         if kind == "mean_face":
             module = MeanFaceBaseline(self.mean_face)
             payload = {"mean_face": torch.as_tensor(self.mean_face)}
         elif kind == "identity_map":
             module, payload = IdentityMapBaseline(self.mean_face), {}
         elif kind == "ridge":
-            module = self._fit_ridge()
-            payload = {}
+            module, payload = self._fit_ridge(), {}
         else:
             module = self._fit_supervised()
             payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-                       "num_vertices": tr.V, "code_dim": cfg.model.id_dim, "width": cfg.model.width,
+                       "num_vertices": self.data.num_vertices, "code_dim": cfg.model.id_dim, "width": cfg.model.width,
                        "encoder_channels": list(cfg.model.encoder_channels),
                        "decoder_hidden": cfg.model.decoder_hidden, "mean_face": torch.as_tensor(self.mean_face)}
-        self.module = module
-        tr.vae_raw = module.to(tr.device)
-        metrics = self._evaluate(final=True)
-        if tr.is_main:
-            E._atomic_torch_save({"format": "facedis-baseline/1", "kind": kind, **payload,
-                                  "config": config_to_dict(cfg), "metrics": metrics}, self.run_dir / "baseline.pt")
-            E._atomic_write_text(done, json.dumps(metrics, indent=2, default=E._json_default))
-            self._summary(metrics)
-        tr.accelerator.wait_for_everyone()
+        metrics = self._evaluate(module.to(rt.device), final=True)
+        if rt.is_main:
+            rd.write_final(metrics, ("baseline.pt", {"format": "facedis-baseline/1", "kind": kind, **payload,
+                                                     "config": config_to_dict(cfg), "metrics": metrics}))
+            print(summary(f"facedis: baseline {kind} on {cfg.dataset} finished in "
+                          f"{(time.time() - self.started_at) / 60:.1f} min", metrics, rd.path,
+                          "metrics.json, metrics.jsonl, config.yaml, provenance.json, baseline.pt",
+                          e_rec_note="  (Δ_exp ≡ 0: distance of the predicted neutral to the input)"), flush=True)
+        rt.wait()
         return metrics
 
     # ------------------------------------------------------------------ data
     def _train_arrays(self) -> dict:
-        from facedis import data as fdata
+        from facedis.data import FaceDataset
 
         cfg = self.cfg
-        ds = fdata.FaceDataset(cfg.data.root, cfg.data.train_split, in_memory=cfg.data.in_memory,
-                               with_partner=False, seed=cfg.train.seed)
-        arr = _split_arrays(ds)
-        kept = _with_neutral(arr)
+        ds = FaceDataset(cfg.data.root, cfg.data.train_split, in_memory=cfg.data.in_memory,
+                         with_partner=False, seed=cfg.train.seed)
+        arr = split_arrays(ds)
+        ok = np.isfinite(arr["neutral"]).all(axis=(1, 2))
+        kept = {k: v[ok] for k, v in arr.items()}
         if len(kept["subject"]) == 0:
             raise ConfigError(f"model.kind={cfg.model.kind}: no train sample has a neutral ground truth in "
                               f"{cfg.data.root} (split {cfg.data.train_split!r})")
@@ -331,13 +338,13 @@ class _BaselineRun:
 
     # ------------------------------------------------------------------ ridge
     def _fit_ridge(self) -> RidgeBaseline:
-        tr, cfg = self.tr, self.cfg
+        cfg = self.cfg
         t = time.time()
         a = self._train_arrays()
         n = len(a["subject"])
         X = a["vertices"].reshape(n, -1).astype(np.float64)
         Y = a["neutral"].reshape(n, -1).astype(np.float64)
-        f, alpha, info = fit_ridge(X, Y, a["subject"], cfg.model.ridge_alphas, cfg.train.seed, tr.mm)
+        f, alpha, info = fit_ridge(X, Y, a["subject"], cfg.model.ridge_alphas, cfg.train.seed, self.data.mm_per_unit)
         A, B = f.factors(alpha)
         edge = alpha in (min(cfg.model.ridge_alphas), max(cfg.model.ridge_alphas)) and len(cfg.model.ridge_alphas) > 1
         self.extra.update({"ridge_alpha": alpha, "ridge_alpha_at_grid_edge": bool(edge),
@@ -345,115 +352,81 @@ class _BaselineRun:
                            "ridge_val_subjects": len(info["val_subjects"]),
                            "ridge_fit_subjects": len(info["fit_subjects"]), "ridge_rank": int(f.s.size),
                            "time/fit_s": time.time() - t})
-        tr._print(f"[facedis] ridge: α={alpha:g} (validation AVD_neu mm: "
-                  + ", ".join(f"{k:g}: {v:.3f}" for k, v in info["val"].items()) + ")"
-                  + ("  [α at the edge of model.ridge_alphas]" if edge else ""))
+        self.rt.print(f"[facedis] ridge: α={alpha:g} (validation AVD_neu mm: "
+                      + ", ".join(f"{k:g}: {v:.3f}" for k, v in info["val"].items()) + ")"
+                      + ("  [α at the edge of model.ridge_alphas]" if edge else ""))
         return RidgeBaseline(self.mean_face, f.x_mean, f.y_mean, A, B, alpha)
 
     # ------------------------------------------------------------------ supervised
     def _fit_supervised(self) -> SupervisedRegressor:
-        tr, cfg, E = self.tr, self.cfg, self.E
+        cfg, rt = self.cfg, self.rt
+        tc = cfg.train
         a = self._train_arrays()
-        dev = tr.device
+        dev = rt.device
         X = torch.as_tensor(a["vertices"], dtype=torch.float32)
         T = torch.as_tensor(a["neutral"], dtype=torch.float32) - torch.as_tensor(self.mean_face)[None]
         n = X.shape[0]
-        bs = min(cfg.train.batch_size, n)
+        bs = min(tc.batch_size, n)
         if bs < 2:
             raise ConfigError("the supervised baseline needs at least 2 train samples with a neutral (BatchNorm)")
-        torch.manual_seed(E.mix_seed(cfg.train.seed, 1))
-        model = SupervisedRegressor(tr.V, cfg.model.id_dim, width=cfg.model.width,
+        torch.manual_seed(mix_seed(tc.seed, 1))
+        model = SupervisedRegressor(self.data.num_vertices, cfg.model.id_dim, width=cfg.model.width,
                                     encoder_channels=cfg.model.encoder_channels or None,
-                                    decoder_hidden=cfg.model.decoder_hidden,
-                                    pointwise=E.effective_pointwise(cfg)).to(dev)
+                                    decoder_hidden=cfg.model.decoder_hidden, pointwise=pointwise_mode(cfg)).to(dev)
         o = cfg.optim
         opt = torch.optim.Adam(model.parameters(), lr=o.lr_vae, weight_decay=o.weight_decay_vae)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o.lr_step_epochs, gamma=o.lr_gamma)
+        rt.add_optimizer(opt)
         weight = cfg.loss.neutral_recon if cfg.loss.neutral_recon > 0 else cfg.loss.recon
         self.extra["supervised_loss_weight"] = weight
-        g = torch.Generator().manual_seed(E.mix_seed(cfg.train.seed, 2))
-        tc = cfg.train
+        g = torch.Generator().manual_seed(mix_seed(tc.seed, 2))
         steps = n // bs  # drop the last partial batch (BatchNorm)
         if tc.max_steps_per_epoch:
             steps = min(steps, tc.max_steps_per_epoch)
-        self.tr.vae_raw = model
-        for epoch in range(tc.epochs):
-            t0 = time.time()
-            model.train()
-            perm = torch.randperm(n, generator=g)
-            tot = torch.zeros((), dtype=torch.float64, device=dev)
-            for s in range(steps):
-                idx = perm[s * bs:(s + 1) * bs]
-                x, y = X[idx].to(dev, non_blocking=True), T[idx].to(dev, non_blocking=True)
-                with tr.autocast():
-                    pred = model.offset(x)
-                loss = weight * F.mse_loss(pred.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                tot += loss.detach().double()
-                self.global_step += 1
-            mean_loss = float(tot / max(steps, 1))
-            if not math.isfinite(mean_loss):
-                raise E.NonFiniteLossError(f"supervised baseline: non-finite loss in epoch {epoch + 1}. Lower "
-                                           f"optim.lr_vae or loss.neutral_recon. Run directory: {self.run_dir}")
-            sched.step()
-            self.epochs_done = epoch + 1
-            self.last_train = {"train/neutral_recon": mean_loss}
-            rec = {"epoch": epoch + 1, "global_step": self.global_step, **self.last_train,
-                   "lr/vae": opt.param_groups[0]["lr"]}
-            if (epoch + 1) % tc.eval_every == 0 and epoch + 1 < tc.epochs:
-                rec.update(self._evaluate(final=False))
-            rec["time/epoch_s"] = time.time() - t0
-            self._log(rec, evaluated=(epoch + 1) % tc.eval_every == 0 and epoch + 1 < tc.epochs)
+        state = LoopState(meter=LossMeter(dev), where=f"(supervised baseline) Run directory: {self.rd.path}",
+                          bar=progress_bar(rt, tc.progress, total=tc.epochs * steps, desc="supervised"))
+        try:
+            for epoch in range(tc.epochs):
+                t0 = time.time()
+                perm = torch.randperm(n, generator=g)
+                batches = ({"vertices": X[idx].to(dev, non_blocking=True), "target": T[idx].to(dev, non_blocking=True)}
+                           for idx in (perm[s * bs:(s + 1) * bs] for s in range(steps)))
+                means = train_one_epoch(lambda b: supervised_step(model, opt, b, weight, updates=rt), batches, state,
+                                        rt, epoch=epoch, first_step=0, steps_per_epoch=steps,
+                                        log_every=tc.log_every_steps)
+                sched.step()
+                self.epochs_done, self.global_step = epoch + 1, state.global_step
+                self.last_train = {f"train/{k}": v for k, v in means.items()}
+                rec = {"epoch": epoch + 1, "global_step": self.global_step, **self.last_train,
+                       "lr/vae": opt.param_groups[0]["lr"]}
+                evaluated = (epoch + 1) % tc.eval_every == 0 and epoch + 1 < tc.epochs
+                if evaluated:
+                    rec.update(self._evaluate(model, final=False))
+                rec["time/epoch_s"] = time.time() - t0
+                self._log(rec, evaluated)
+        finally:
+            if state.bar is not None:
+                state.bar.close()
         return model
 
     # ------------------------------------------------------------------ evaluation and files
-    def _evaluate(self, final: bool) -> dict:
-        tr, cfg = self.tr, self.cfg
+    def _evaluate(self, module, final: bool) -> dict:
+        cfg = self.cfg
         t0 = time.time()
-        ev, _ = tr.evaluate()
+        ev, _ = evaluate(module, self.data, cfg, self.rt)
         if not final:
             return {**ev, "time/eval_s": time.time() - t0}
-        epochs = self.epochs_done
-        final_m = {**ev, **self.last_train, **self.extra, "epoch": epochs, "global_step": self.global_step,
+        final_m = {**ev, **self.last_train, **self.extra, "epoch": self.epochs_done, "global_step": self.global_step,
                    "seed": cfg.train.seed, "dataset": cfg.dataset, "mode": f"baseline:{cfg.model.kind}",
                    "model_kind": cfg.model.kind, "E_rec_definition": E_REC_DEFINITION}
-        rec = {"epoch": epochs, "global_step": self.global_step, **self.last_train, **ev,
+        rec = {"epoch": self.epochs_done, "global_step": self.global_step, **self.last_train, **ev,
                "time/eval_s": time.time() - t0}
         self._log(rec, evaluated=True)
         return final_m
 
     def _log(self, rec: dict, evaluated: bool) -> None:
-        tr = self.tr
-        if tr.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(self.E._dumps(rec) + "\n")
-            if evaluated:
-                tr.last_eval = rec
-                tr._print(tr._eval_line(rec["epoch"]) if hasattr(tr, "_eval_line") else str(rec))
-        if evaluated and self.report is not None and tr.is_main:
-            self.report(dict(rec), self.run_dir)
-
-    def _summary(self, m: dict) -> None:
-        def f(k):
-            v = m.get(k)
-            return "   n/a" if not isinstance(v, (int, float)) else f"{v:7.3f}"
-
-        print("\n".join([
-            "",
-            f"facedis: baseline {self.cfg.model.kind} on {self.cfg.dataset} finished in "
-            f"{(time.time() - self.tr.t_start) / 60:.1f} min",
-            f"  test split ({m.get('num_test_samples')} samples, {m.get('num_test_identities')} identities), mm:",
-            f"    AVD_neu    mean {f('AVD_neu_mean')}  median {f('AVD_neu_median')}  std {f('AVD_neu_std')}",
-            f"    E_dis ref  mean {f('E_dis_ref_mean')}  median {f('E_dis_ref_median')}",
-            f"    E_dis vstd mean {f('E_dis_vstd_mean')}  median {f('E_dis_vstd_median')}",
-            f"    E_rec      mean {f('E_rec_mean')}  (Δ_exp ≡ 0: distance of the predicted neutral to the input)",
-            f"  run directory {self.run_dir}/: metrics.json, metrics.jsonl, config.yaml, provenance.json, baseline.pt",
-        ]), flush=True)
-
-
-def run_baseline(cfg: Config, report: Optional[Reporter] = None) -> dict:
-    """Fit (or train) the baseline ``cfg.model.kind`` and evaluate it on the test split; write
-    the run directory like ``engine.train`` and return the final metrics (``metrics.json``)."""
-    return _BaselineRun(cfg, report).run()
+        self.rd.append_metrics(rec)
+        if evaluated:
+            self.rt.print(eval_line(rec["epoch"], rec))
+            if self.report is not None and self.rt.is_main:
+                self.report(dict(rec), self.rd.path)

@@ -10,7 +10,7 @@ Unknown keys and wrong types raise :class:`ConfigError` naming the key and the v
 any work starts. A run writes its resolved config to ``<run.dir>/config.yaml``; that file can be fed
 back with ``--config`` and gives the same run.
 
-Loss-weight names and the paper / reference-code lambdas (method-spec §2.4):
+Loss-weight names and the paper / reference-code lambdas (docs/method.md, "Loss weights"):
 
 ==========================  =================  =====================  =========================================
 ``loss.`` field             paper (Eq. 7)      reference code flag    term
@@ -161,10 +161,18 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     """Also save a mid-epoch checkpoint every N steps (0 = off)."""
     seed: int = 0
-    precision: Literal["no", "bf16", "fp16"] = "no"
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Mixed precision of the training forward: ``auto`` follows Accelerate's launch configuration
+    (``accelerate config``, ``accelerate launch --mixed_precision``, ``ACCELERATE_MIXED_PRECISION``;
+    ``no`` outside ``accelerate launch``); ``no``/``bf16``/``fp16`` force it. Evaluation is always fp32."""
     compile: bool = False
+    """``torch.compile`` the modules (the dynamo backend of ``accelerate launch`` applies too)."""
     fast: bool = False
-    """Shorthand for the fast path: detached fakes, encoder-only re-encode, Linear point-wise layers."""
+    """The fast path, same parameter updates: detached fakes, encoder-only re-encode, sparse Laplacian,
+    fused point-wise layers (``facedis.components.step_fidelity`` / ``pointwise_mode``)."""
+    cpu_threads: int = 0
+    """Torch threads per process on CPU; 0: under ``accelerate launch`` each process gets its share of
+    the cores, otherwise torch's default (which honours ``OMP_NUM_THREADS``)."""
     max_steps_per_epoch: int = 0
     """Debug/benchmark: stop an epoch after N steps (0 = full epoch)."""
     progress: bool = True
@@ -179,13 +187,14 @@ class TrainConfig:
     check_sync: bool = True
     """With world size > 1, check at every epoch end that all ranks hold identical parameters."""
     eval_align: Literal["auto", "none", "kabsch"] = "auto"
-    """Rigidly align predictions to the ground truth before measuring (``auto``: Kabsch for bu3dfe only,
-    method-spec §5.1)."""
+    """Rigidly align predictions to the ground truth before measuring (``auto``: Kabsch for bu3dfe only;
+    docs/method.md, "Evaluation protocol")."""
 
 
 @dataclass
 class RunConfig:
     name: str = "run"
+    """Run name: a relative path inside ``out_dir`` (no ``..``)."""
     out_dir: str = "runs"
     dir: str = ""
     """Run directory; empty means ``<out_dir>/<name>``."""
@@ -373,12 +382,13 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Confi
         overrides = dict(parse_override(o) for o in overrides)
     data = config_to_dict(cfg)
     for k, v in overrides.items():
-        _check_key(k)
+        check_key(k)
         _set_dotted(data, k, v)
     return config_from_dict(data)
 
 
-def _check_key(key: str) -> None:
+def check_key(key: str) -> None:
+    """Raise ConfigError unless ``key`` (dotted) names a config field."""
     cls: Any = Config
     parts = key.split(".")
     for i, p in enumerate(parts):
@@ -494,6 +504,12 @@ def validate(cfg: Config) -> None:
     if ch and (len(ch) != 5 or min(ch) < 1):
         raise ConfigError(f"model.encoder_channels must be empty or 5 positive widths (the paper's: "
                           f"[64, 64, 64, 128, 1024]), got {ch}")
+    name = Path(cfg.run.name)
+    if not cfg.run.name or name.is_absolute() or ".." in name.parts:
+        raise ConfigError(f"run.name={cfg.run.name!r} must be a relative name inside run.out_dir (no '..', not "
+                          "absolute); use run.dir to put a run anywhere")
+    if cfg.train.cpu_threads < 0:
+        raise ConfigError(f"train.cpu_threads must be >= 0, got {cfg.train.cpu_threads}")
     if cfg.train.epochs < 0 or cfg.pretrain.epochs < 0:
         raise ConfigError("train.epochs and pretrain.epochs must be >= 0")
     if cfg.train.batch_size < 2:

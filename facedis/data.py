@@ -22,7 +22,8 @@ fork/spawn workers, not copied), and ``dataset[list_of_indices]`` / ``__getitems
 whole batch with ``index_select``. ``collate_batch`` passes such a batch through unchanged and
 falls back to ``default_collate`` otherwise, so the datasets also work with a plain DataLoader.
 Without ``in_memory`` the HDF5 shards are opened lazily in each process (re-opened when the pid
-changes) and read one mesh at a time (the fastest h5py access pattern, infra-recipes §6).
+changes) and read one mesh at a time: in h5py a loop of single-mesh reads is about 15x faster
+than one fancy-indexed read of a sorted index list.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from facedis.shards import DatasetError, read_arrays, read_meta
 
-__all__ = ["DatasetInfo", "load_info", "FaceDataset", "PairDataset", "SlotLoader", "make_train_loader",
+__all__ = ["DatasetInfo", "load_info", "FaceDataset", "PairDataset", "SlotLoader", "DevicePrefetcher", "make_train_loader",
            "collate_batch"]
 
 
@@ -528,7 +529,7 @@ class FaceDataset(_Base):
 
 
 class PairDataset(_Base):
-    """Identity pairs for discriminator pretraining (method-spec §3).
+    """Identity pairs for discriminator pretraining (docs/method.md#discriminator-pretraining).
 
     Item ``i`` -> ``{"a": X_i, "b": X_j, "same": i64}``: ``same ~ Bernoulli(0.5)``; same → ``j``
     uniform over the same subject's items (``i`` included), different → uniform over all items of
@@ -590,3 +591,46 @@ def make_train_loader(info_or_root, split: str, batch_size: int, shuffle: bool =
     if reuse_buffers and num_workers > 0:
         return SlotLoader(ds, max_batch=batch_size, num_workers=num_workers, **kw)
     return DataLoader(ds, num_workers=num_workers, **kw)
+
+
+# ---------------------------------------------------------------------------------------- device copies
+
+
+class DevicePrefetcher:
+    """Overlap host->device copies with compute: iterates ``loader`` one batch ahead, copying each
+    dict of tensors with ``non_blocking=True`` on a side CUDA stream (the loader should use
+    ``pin_memory=True``). On CPU it is a plain pass-through (``num_workers`` already overlaps
+    loading with compute there)."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def __len__(self):
+        return len(self.loader)
+
+    def _copy(self, batch):
+        if self.stream is None:
+            return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with torch.cuda.stream(self.stream):
+            return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def __iter__(self):
+        it = iter(self.loader)
+        try:
+            nxt = self._copy(next(it))
+        except StopIteration:
+            return
+        while True:
+            if self.stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self.stream)
+                for v in nxt.values():
+                    if torch.is_tensor(v):
+                        v.record_stream(torch.cuda.current_stream(self.device))
+            cur = nxt
+            try:
+                nxt = self._copy(next(it))
+            except StopIteration:
+                yield cur
+                return
+            yield cur

@@ -21,8 +21,8 @@ rotation + translation, no scale) before encoding; outputs then stay in the temp
 Off by default because the training data are already in that frame and an expressive face
 does not align exactly onto a neutral template (the open mouth pulls the fit).
 
-Codes are the posterior means μ (method-spec §5.1), the model runs in eval mode (BatchNorm
-running statistics), so every call is deterministic. Loading uses
+Codes are the posterior means μ (docs/method.md#latent-codes), the model runs in eval mode
+(BatchNorm running statistics), so every call is deterministic. Loading uses
 ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
@@ -292,7 +292,7 @@ class FaceModel:
         zi, ze = [], []
         for s in range(0, len(v), self.batch_size):
             x = torch.as_tensor(v[s:s + self.batch_size], device=self.device)
-            enc = self.vae(x, mode="encode")  # the encoder sees the absolute face (method-spec §5.1)
+            enc = self.vae(x, mode="encode")  # the encoder sees the absolute face (as in training)
             zi.append(enc.mu_id)
             ze.append(enc.mu_exp)
         return torch.cat(zi), torch.cat(ze)

@@ -1,4 +1,4 @@
-"""Loss terms of the joint training (method-spec §2.3) as pure functions, plus the mesh Laplacian.
+"""Loss terms of the joint training (docs/method.md#losses) as pure functions, plus the mesh Laplacian.
 
 Shapes: B batch, V vertices, d latent size. Every face tensor is in stored (normalised) units.
 Every function returns a 0-d tensor on the input's device and never syncs with the host.
@@ -39,7 +39,7 @@ def expression_mse(exp_offset: torch.Tensor, vertices: torch.Tensor, neutral: to
 # KL
 # ---------------------------------------------------------------------------------------------
 def kl_mc(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """One-sample Monte-Carlo KL, the reference's estimator (method-spec §0.4):
+    """One-sample Monte-Carlo KL, the reference's estimator (docs/method.md#kl-estimator):
     log q(z|x) - log p(z) with q = N(μ, exp(logvar)), p = N(0, I); summed over d, mean over B.
 
     z, mu, logvar: (B, d). Gradients flow through z (reparameterised) and through μ, logvar.
@@ -64,7 +64,7 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor | None
 
 
 def kl_decay_scale(epoch: int, total: int = KL_DECAY_EPOCHS_COMA) -> float:
-    """CoMA's KL weight multiplier (total - epoch) / total (method-spec §0.4).
+    """CoMA's KL weight multiplier (total - epoch) / total (docs/method.md#loss-weights).
 
     ``epoch`` is 1-based like the reference's loop (``range(1, epochs + 1)``), so the first
     epoch is scaled by 349/350. The reference calls it a warm-up; it is a linear decay.
@@ -87,7 +87,7 @@ def discriminator_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def latent_consistency(z_reencoded: torch.Tensor, z_id: torch.Tensor) -> torch.Tensor:
-    """Neutral latent consistency L1 mean |z̄_id - z_id| over B·d (method-spec §2.3).
+    """Neutral latent consistency L1 mean |z̄_id - z_id| over B·d (docs/method.md#latent-consistency).
     Gradients flow into both arguments, as in the reference."""
     return F.l1_loss(z_reencoded, z_id)
 
@@ -109,7 +109,7 @@ def _unique_neighbours(triangles: np.ndarray, num_vertices: int) -> tuple[np.nda
 
 
 def dense_uniform_laplacian(triangles: np.ndarray, num_vertices: int) -> torch.Tensor:
-    """The reference's dense L = I - D⁻¹A (V, V) float32 (method-spec §2.3): L[i,j] = -1 for every
+    """The reference's dense L = I - D⁻¹A (V, V) float32 (docs/method.md#laplacian): L[i,j] = -1 for every
     edge (assigned, so duplicates count once), diagonal = number of distinct neighbours, rows
     divided by the diagonal. Isolated vertices get an all-zero row (the reference divides by 0)."""
     rows, cols = _unique_neighbours(triangles, num_vertices)
@@ -180,7 +180,7 @@ def uniform_laplacian(triangles: np.ndarray, num_vertices: int, dense: bool = Fa
 
 
 def laplacian_loss(x: torch.Tensor, operator) -> torch.Tensor:
-    """Reference Laplacian loss: (1/B) Σ_b Σ_v ‖(L x_b)_v‖² / V (squared norm, method-spec §0.6).
+    """Reference Laplacian loss: (1/B) Σ_b Σ_v ‖(L x_b)_v‖² / V, squared norm (docs/method.md#laplacian).
 
     x (B, V, 3) absolute predicted identity M̄ + Δ_id; operator: callable (B,V,3) -> (B,V,3).
     """

@@ -1,4 +1,4 @@
-"""Evaluation metrics (method-spec §5.1) as pure numpy functions, in millimetres.
+"""Evaluation metrics (docs/method.md#metrics) as pure numpy functions, in millimetres.
 
 Inputs may be numpy arrays or torch tensors (moved to the host as float64). Faces are
 (n, V, 3) in stored units; ``mm_per_unit`` converts to mm (``DatasetInfo.mm_per_unit``).
@@ -59,7 +59,7 @@ def _groups(pred_identity, subject_ids, mm_per_unit: float):
 
 
 def edis_reference(pred_identity, subject_ids, mm_per_unit: float = 1.0) -> dict:
-    """E_dis as in the reference code (method-spec §0.10, §5.1).
+    """E_dis as in the reference code (docs/method.md#disentanglement-error-two-definitions).
 
     Per identity with k predicted identity shapes P (k, V, 3): d_{i,v} = ‖P_{i,v} - mean_i P_{·,v}‖₂,
     E_dis(id) = np.std over all k·V values of d. Returns {mean, median, per_identity {id: mm}}.

@@ -1,14 +1,14 @@
 """Networks of Gu, Pears & Sun (FG 2023): the PointNet VAE and the pairwise identity discriminator.
 
-Everything here follows method-spec §1. The shapes are constructor arguments; nothing knows
-about devices, distributed training or the config.
+Everything here follows docs/method.md, section "Architecture". The shapes are constructor
+arguments; nothing knows about devices, distributed training or the config.
 
 - ``DisentanglingVAE``: PointNet encoder (no T-Net) with separate identity and expression
   latents, and two MLP decoders that predict **offsets from the training mean face**
-  (method-spec §0.1). The encoder sees the *absolute* face in stored units, exactly as the
-  reference does (``vae(true_vertices)``); only the decoders work in offsets.
+  (docs/method.md#decoders-and-the-mean-face). The encoder sees the *absolute* face in stored
+  units, exactly as the reference does (``vae(true_vertices)``); only the decoders work in offsets.
 - ``IdentityDiscriminator``: PointNet with a 6x6 input T-Net over the per-vertex concatenated
-  pair (B, V, 6) (method-spec §0.2, §1.3). Returns logits; class 1 = same identity.
+  pair (B, V, 6) (docs/method.md#identity-discriminator). Returns logits; class 1 = same identity.
 
 Point-wise layers can run as the reference's ``Conv1d(k=1)`` on (B, C, V)
 (``pointwise="conv"``) or as ``F.linear`` on the points-major (B*V, C) layout
@@ -80,7 +80,7 @@ def _scaled(channels: int, width: float) -> int:
 
 
 ENCODER_WIDTHS = (64, 64, 64, 128, 1024)
-"""The PointNet encoder's point-wise layer widths at ``width=1`` (method-spec §1.1)."""
+"""The PointNet encoder's point-wise layer widths at ``width=1`` (docs/method.md#vae-encoder)."""
 
 
 def encoder_widths(width: float = 1.0, channels: Optional[Sequence[int]] = None) -> list[int]:
@@ -157,7 +157,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _FusedPointwiseMax(torch.autograd.Function):
     """``max_v ReLU(BN(x W^T + b))`` per sample without materialising (or keeping) the
-    (B·V, C_out) feature map (method-spec §7.3).
+    (B·V, C_out) feature map, the step's main memory traffic (docs/method.md#roofline).
 
     BN in train mode is a per-channel affine map ``a_c·(h - mean_c) + beta_c`` with
     ``a_c = gamma_c·rstd_c``; ReLU is monotone. So the pooled output only needs the per-sample
@@ -321,7 +321,8 @@ def fused_pointwise_max(x: torch.Tensor, B: int, V: int, conv: nn.Conv1d, bn: Op
 
 
 class MLPDecoder(nn.Module):
-    """``Linear(d, hidden) -> ReLU -> Linear(hidden, 3V)``, no output activation (method-spec §1.2)."""
+    """``Linear(d, hidden) -> ReLU -> Linear(hidden, 3V)``, no output activation
+    (docs/method.md#decoders-and-the-mean-face)."""
 
     def __init__(self, latent_dim: int, num_vertices: int, hidden: int = 256, init: str = "default"):
         super().__init__()
@@ -348,7 +349,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 # VAE
 # ---------------------------------------------------------------------------------------------
 class DisentanglingVAE(nn.Module):
-    """PointNet VAE with identity/expression latents (method-spec §1.1-1.2).
+    """PointNet VAE with identity/expression latents (docs/method.md#architecture).
 
     Args:
         num_vertices: V (only the decoders' last layers depend on it).
@@ -508,7 +509,7 @@ class _FCStack(nn.Module):
 
 class TNet(nn.Module):
     """Input transform T-Net for k channels: point-wise k->64->128->1024, max, FC 1024->512->256->k²,
-    plus the identity (method-spec §1.3). Returns (B, k, k)."""
+    plus the identity (docs/method.md#identity-discriminator). Returns (B, k, k)."""
 
     def __init__(self, k: int, width: float, use_bn: bool, pointwise: str):
         super().__init__()
@@ -524,7 +525,7 @@ class TNet(nn.Module):
 
 
 class IdentityDiscriminator(nn.Module):
-    """Pairwise identity discriminator (method-spec §1.3).
+    """Pairwise identity discriminator (docs/method.md#identity-discriminator).
 
     Args:
         width: multiplier on all hidden widths (1.0 = paper).
@@ -564,7 +565,8 @@ class IdentityDiscriminator(nn.Module):
 
     def load_pretrained(self, state_dict: dict) -> list[str]:
         """Load a pretrained D, dropping BatchNorm entries this D does not have (a D pretrained
-        with ``use_bn=True`` loaded into one without BN, the reference's default, method-spec §0.3).
+        with ``use_bn=True`` loaded into one without BN, the reference's default; see
+        ``disc_bn_match`` in docs/fidelity.md).
 
         Any other missing or unexpected key raises. Returns the dropped keys.
         """

@@ -1,7 +1,7 @@
 """Published numbers of Gu, Pears & Sun (FG 2023), Tables I-IV, as data.
 
-All errors are in mm, transcribed from the accepted version (White Rose eprint 193526); see
-``docs`` / peers-and-paper-numbers.md §8 for the source and the paper's own inconsistencies.
+All errors are in mm, transcribed from the accepted version (White Rose eprint 193526).
+:data:`NOTES` lists the paper's own inconsistencies (docs/method.md#published-numbers).
 
 Keys follow ``metrics.json`` (``E_rec_mean``, ``E_rec_std``, ``E_rec_median``, ``AVD_neu_*``).
 The paper does not say which E_dis definition it used, so its E_dis is stored under
@@ -84,7 +84,7 @@ DATASET_TABLES: dict[str, tuple[str, list[dict[str, Any]]]] = {
     "facescape": ("Table III", TABLE_III_FACESCAPE),
 }
 
-# Known inconsistencies inside the paper (peers-and-paper-numbers.md §8).
+# Known inconsistencies inside the paper (between its own tables).
 NOTES = [
     "E_rec medians differ between tables: CoMA 'Ours' 0.772 (Table I) vs 0.651 (Table IV); "
     "BU3DFE 'Ours+ne-gt' 1.467 (Table II) vs 1.404 (Table IV). Table IV values are used for ablation rows.",

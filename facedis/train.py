@@ -60,8 +60,9 @@ def split_overrides(rest: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from facedis.config import ConfigError, apply_overrides, load_config
     from facedis import engine
+    from facedis.config import ConfigError, load_config
+    from facedis.loop import NonFiniteLossError, TrainingInterrupted
 
     args, rest = build_parser().parse_known_args(argv)
     try:
@@ -89,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"facedis: config error: {e}", file=sys.stderr)
         return 2
-    except engine.NonFiniteLossError as e:
+    except NonFiniteLossError as e:
         print(f"facedis: stopped: {e}", file=sys.stderr)
         return 3
-    except engine.TrainingInterrupted as e:
+    except TrainingInterrupted as e:
         print(f"facedis: {e}", file=sys.stderr)
         return 128 + int(e.signum)
 

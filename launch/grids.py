@@ -71,7 +71,7 @@ def _synth_results() -> list[tuple[str, dict, str]]:
 
 
 def _synth_demo() -> list[tuple[str, dict, str]]:
-    """The engine issue's table: configs/synth.yaml unchanged (data, budget, network) in three modes,
+    """The demo acceptance table: configs/synth.yaml unchanged (data, budget, network) in three modes,
     plus the mean-face baseline (also in every run's metrics as ``AVD_neu_meanface_*``)."""
     out = [("configs/synth.yaml", {"model.kind": "mean_face", NEUTRAL_GT_KEY: False, ID_DISCRIMINATOR_KEY: False,
                                    "train.progress": False}, "baseline-mean_face")]

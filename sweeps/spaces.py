@@ -22,10 +22,10 @@ Two *virtual keys* expand into several config keys after sampling (:func:`expand
 Paper symbols (Eq. 7) and their keys: λ1 ``loss.recon``, λ2 ``loss.kl`` (tied ``kl_id``/``kl_exp``),
 λ3 ``loss.adv_id``, λ4 ``loss.latent_consistency``, λ5 ``loss.laplacian``. The ranges below span
 about a decade either side of the paper / reference-README values of *both* modes
-(:data:`PAPER_VALUES`, method-spec §2.6), log-uniformly; the latent sizes are choices around the
-paper's size. λ5 has no effect in ``+ne-gt`` runs on CoMA/FaceScape (the Laplacian is off there,
-``method.laplacian: auto``). Ranges are starting points: narrow them with ``--space`` once a first
-sweep shows where the front lies.
+(:data:`PAPER_VALUES`, docs/method.md#hyper-parameters), log-uniformly; the latent sizes are
+choices around the paper's size. λ5 has no effect in ``+ne-gt`` runs on CoMA/FaceScape (the
+Laplacian is off there, ``method.laplacian: auto``). Ranges are starting points: narrow them with
+``--space`` once a first sweep shows where the front lies.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import yaml
 
 MODES = ("+ne-gt+id-dis", "-ne-gt+id-dis", "+ne-gt-id-dis", "-ne-gt-id-dis")
 
-# Paper / reference-README values (method-spec §2.6), per data set and neutral-GT mode, for reference.
+# Paper / reference-README values (docs/method.md#hyper-parameters), per data set and neutral-GT mode.
 PAPER_VALUES: dict[str, dict[str, dict[str, float]]] = {
     "coma": {
         "-ne-gt": {"loss.recon": 600, "loss.kl": 5e-7, "loss.adv_id": 5e-4, "loss.latent_consistency": 5e-3,
@@ -183,13 +183,13 @@ def load_space_file(path) -> dict[str, Any]:
 
 def check_keys(space: dict[str, Any]) -> None:
     """Every key must be a Config key, a tied key or ``mode``; raises ConfigError/SpaceError otherwise."""
-    from facedis.config import _check_key
+    from facedis.config import check_key
 
     for key in space:
         if key == "mode":
             continue
         for k in TIED.get(key, (key,)):
-            _check_key(k)
+            check_key(k)
 
 
 def build_space(dataset: str, mode: str = "+ne-gt+id-dis", space: dict[str, Any] | None = None,

@@ -80,7 +80,8 @@ _RESULT_KEYS = ("epoch", "E_rec_mean", "E_dis_ref_mean", "E_dis_vstd_mean", "AVD
 
 
 def _quiet_ray_env(local: bool) -> None:
-    """Env vars of docs/infra-recipes §3 (set before ``import ray``; an existing value wins)."""
+    """Env vars that keep Ray Tune quiet and save its state often (set before ``import ray``;
+    an existing value wins)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "100")

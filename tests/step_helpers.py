@@ -2,9 +2,9 @@
 import numpy as np
 import torch
 
-from facedis.step import StepWeights
+from facedis.config import LossConfig
 
-WEIGHTS = StepWeights(recon=10.0, kl_id=1e-3, kl_exp=1e-3, adv_id=0.1, neutral_recon=5.0,
+WEIGHTS = LossConfig(recon=10.0, kl_id=1e-3, kl_exp=1e-3, adv_id=0.1, neutral_recon=5.0,
                       exp_recon=1.0, latent_consistency=0.1, laplacian=0.1)
 
 

@@ -1,4 +1,4 @@
-"""Baselines (issue #10): each one trained on tiny synth data through the same harness, its metrics
+"""Baselines (docs/results.md): each one trained on tiny synth data through the same harness, its metrics
 checked against a direct numpy computation (mean face / identity map to float64 rounding,
 ridge against a closed-form ``np.linalg.solve``), plus the run-directory files and the grid."""
 from __future__ import annotations

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from facedis.config import Config, ConfigError, apply_overrides, config_to_dict, load_config, save_config
-from facedis.engine import build_models
+from facedis.components import build_models
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ROWS = sorted((CONFIGS / "rows").glob("*.yaml"))
-# registered vertex counts of the prepared data sets (method-spec §4; synth: --vertices 2000)
+# registered vertex counts of the prepared data sets (docs/method.md#data-protocols; synth: --vertices 2000)
 NUM_VERTICES = {"coma": 5023, "bu3dfe": 5996, "facescape": 4547, "synth": 2000}
 
 

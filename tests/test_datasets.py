@@ -1,4 +1,4 @@
-"""Real data set readers (issue #6): mesh formats, CoMA, BU-3DFE, FaceScape, custom CSV.
+"""Real data set readers (docs/datasets.md): mesh formats, CoMA, BU-3DFE, FaceScape, custom CSV.
 
 Fixtures are tiny trees in each real layout and file format (tests/fixtures_real.py), generated
 from the ICT-FaceKit basis embedded in the package; the FLAME-topology CoMA test uses

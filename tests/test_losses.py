@@ -20,7 +20,7 @@ def grid_mesh(rows=5, cols=6):
 
 
 def naive_laplacian(tri, n):
-    """The reference's construction, written as loops (method-spec §2.3)."""
+    """The reference's construction, written as loops (docs/method.md#laplacian)."""
     L = np.zeros((n, n))
     for f in tri:
         for i in range(3):

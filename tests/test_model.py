@@ -36,7 +36,7 @@ def test_vae_parameter_count_matches_spec(num_vertices, d, expected):
 
 
 def test_discriminator_parameter_count_matches_spec():
-    # method-spec §1.5 measures the BN configuration (pretraining default): 1,611,686 + 7,946 buffers
+    # docs/method.md#parameter-counts: the BN configuration (pretraining default), 1,611,686 + 7,946 buffers
     with torch.device("meta"):
         d = IdentityDiscriminator(use_bn=True)
         d_nobn = IdentityDiscriminator(use_bn=False)

@@ -21,9 +21,29 @@ def _strip_time(d: dict) -> dict:
     return {k: v for k, v in d.items() if not k.startswith("time/")}
 
 
-def _run(cfg_path: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(TRAIN_PY), "--config", str(cfg_path)], env=env, cwd=REPO,
+KILL_AFTER_STEP = """
+import os, signal, sys
+import facedis.step as step
+real, n = step.joint_step, {{"k": 0}}
+def joint_step(*a, **kw):
+    if n["k"] == {after}:  # steps 1..{after} are complete (their checkpoints included)
+        os.kill(os.getpid(), signal.SIGKILL)
+    n["k"] += 1
+    return real(*a, **kw)
+step.joint_step = joint_step
+from facedis.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run(cfg_path: Path, kill_after_step: int = 0) -> subprocess.CompletedProcess:
+    """``facedis/train.py --config cfg_path`` in a fresh process; with ``kill_after_step`` the
+    process SIGKILLs itself when global step N is complete (a wrapper around the step function,
+    so the training loop carries no test hook)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = ([sys.executable, "-c", KILL_AFTER_STEP.format(after=kill_after_step)] if kill_after_step
+           else [sys.executable, str(TRAIN_PY)])
+    return subprocess.run([*cmd, "--config", str(cfg_path)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -61,7 +81,7 @@ def test_sigkill_mid_epoch_then_rerun_is_bit_identical(tiny_config, tmp_path):
     r = _run(tmp_path / "ref.yaml")
     assert r.returncode == 0, r.stderr[-3000:]
 
-    k = _run(tmp_path / "cut.yaml", {engine.TEST_KILL_ENV: "11"})
+    k = _run(tmp_path / "cut.yaml", kill_after_step=11)
     assert k.returncode == -signal.SIGKILL, (k.returncode, k.stderr[-3000:])
     cut = tmp_path / "cut"
     meta = json.loads((cut / "checkpoints" / "last" / "meta.json").read_text())

@@ -1,4 +1,4 @@
-"""facedis.step: the joint step, fast-vs-faithful equivalence, FLOPs vs method-spec §7.1."""
+"""facedis.step: the joint step, fast-vs-faithful equivalence, FLOPs vs docs/method.md#flops."""
 import copy
 import os
 import tempfile
@@ -10,9 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from facedis.losses import uniform_laplacian
 from facedis.model import DisentanglingVAE, IdentityDiscriminator
+from facedis.config import FidelityConfig as Fidelity
+from facedis.config import LossConfig
 from facedis.step import (
-    Fidelity,
-    StepWeights,
+    Updates,
     eval_forward,
     joint_step,
     pretrain_disc_step,
@@ -106,7 +107,7 @@ def test_result_changing_options_change_results(option):
     batch, mf = make_batch(B, V)
     lap = uniform_laplacian(tri, V)
     la = run(vae, disc, batch, mf, lap, fidelity=Fidelity(), steps=1)
-    lb = run(vae2, disc2, batch, mf, lap, fidelity={option: True}, steps=1)
+    lb = run(vae2, disc2, batch, mf, lap, fidelity=Fidelity(**{option: True}), steps=1)
     key = "kl_id" if option == "analytic_kl" else "latent_consistency"
     assert not torch.allclose(la[key], lb[key])
 
@@ -116,7 +117,8 @@ def test_without_discriminator_and_reencode():
     vae, _ = build(V)
     batch, mf = make_batch(B, V)
     ov = torch.optim.SGD(vae.parameters(), lr=1e-2)
-    w = StepWeights(recon=1.0, kl_id=1e-3, kl_exp=1e-3)
+    w = LossConfig(recon=1.0, kl_id=1e-3, kl_exp=1e-3, adv_id=0.0, latent_consistency=0.0, laplacian=0.0,
+                   neutral_recon=0.0, exp_recon=0.0)
     logs = joint_step(vae, None, ov, None, batch, mf, None, w, use_discriminator=False,
                       neutral_gt=False, use_laplacian=False, kl_scale=0.5)
     assert set(logs) == {"recon", "kl_id", "kl_exp", "total"}
@@ -129,7 +131,7 @@ def test_bf16_autocast_step():
     vae, disc = build(V)
     batch, mf = make_batch(B, V)
     logs = run(vae, disc, batch, mf, uniform_laplacian(grid_mesh(5, 6), V), fidelity=None, steps=1,
-               autocast_ctx=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+               updates=Updates(torch.bfloat16, "cpu"))
     assert all(torch.isfinite(v) for v in logs.values())
 
 
@@ -159,7 +161,7 @@ def test_eval_forward_uses_mu_codes():
     assert not a.full.requires_grad
 
 
-# ---- FLOPs (method-spec §7.1) ----------------------------------------------------------------
+# ---- FLOPs (docs/method.md#flops) -------------------------------------------------------------
 def _measure_flops(V, B, tri, d=4):
     torch.manual_seed(0)
     vae = DisentanglingVAE(V, d, d)

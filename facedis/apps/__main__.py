@@ -72,7 +72,7 @@ def cmd_transfer(args) -> dict:
 
 
 def cmd_interpolate(args) -> dict:
-    from facedis.apps.figures import face_grid
+    from facedis.apps.grid import face_grid
 
     m = _model(args)
     a, b = _face(args.a, m, args), _face(args.b, m, args)

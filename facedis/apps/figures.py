@@ -10,25 +10,22 @@ like the paper's Figs. 5-10, transfer grids, interpolation strips, the latent sp
 - ``make_figures(run_dir, ...)``: the whole set for a trained run
   (``python -m facedis.apps figures --run RUN_DIR``).
 
-Faces are drawn by ``facedis.apps.render`` (orthographic frontal view, Lambert shading).
+Faces are drawn by ``facedis.apps.render`` (orthographic frontal view, Lambert shading); grids
+of faces by ``facedis.apps.grid`` (``face_grid``, re-exported here).
 """
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
 
-from facedis.apps.render import draw_mesh, figure_to_array, mesh_bounds, view_rotation
-
-HEAT_CMAP = "jet"
+from facedis.apps import interpolate as interp_app
+from facedis.apps import transfer as transfer_app
+from facedis.apps.grid import HEAT_CMAP, add_colorbar, face_grid, new_figure, save_figure
+from facedis.apps.render import draw_mesh, figure_to_array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,26 +48,6 @@ def heat_colors(errors_mm, vmax: float, cmap: str = HEAT_CMAP) -> np.ndarray:
     """Per-vertex errors (mm) -> RGBA in [0, 1] on a 0..vmax scale."""
     e = np.nan_to_num(np.asarray(errors_mm, dtype=np.float64), nan=0.0)
     return colormaps[cmap](np.clip(e / vmax, 0.0, 1.0))
-
-
-def new_figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
-    fig = Figure(figsize=(width_in, height_in), dpi=dpi, facecolor="white")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig: Figure, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(path), dpi=fig.dpi, facecolor="white")
-    return path
-
-
-def add_colorbar(fig: Figure, rect, vmax: float, label: str = "per-vertex error (mm)", cmap: str = HEAT_CMAP,
-                 orientation: str = "vertical"):
-    cax = fig.add_axes(rect)
-    fig.colorbar(ScalarMappable(norm=Normalize(0.0, vmax), cmap=cmap), cax=cax, orientation=orientation, label=label)
-    return cax
 
 
 def error_map_image(vertices, triangles, errors_mm, vmax: Optional[float] = None, size: int = 256,
@@ -108,54 +85,6 @@ def save_png(path, image: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     imsave(str(path), np.asarray(image))
     return path
-
-
-def face_grid(cells: Sequence[Sequence[Optional[dict]]], triangles, path=None, cell_in: float = 1.7,
-              row_labels: Optional[Sequence[str]] = None, col_labels: Optional[Sequence[str]] = None,
-              suptitle: Optional[str] = None, vmax: Optional[float] = None, R=None):
-    """Draw a grid of faces. ``cells[r][c]`` is None (empty) or a dict with ``vertices`` and
-    optional ``colors``, ``title``. All faces share one view rotation and one framing. A colour bar
-    (mm) is added when ``vmax`` is given. Saves to ``path`` if given; returns the Figure."""
-    nr, nc = len(cells), max(len(r) for r in cells)
-    allv = [c["vertices"] for r in cells for c in r if c is not None]
-    R = view_rotation(np.mean(np.stack([np.asarray(v, np.float64) for v in allv]), axis=0)) if R is None else R
-    bounds = mesh_bounds(allv, R=R)
-    gap = 0.28  # below each face, for its title
-    left = 1.0 if row_labels else 0.1
-    right = 0.9 if vmax is not None else 0.1
-    W = left + nc * cell_in + right
-    lines = textwrap.wrap(suptitle, width=max(20, int(W * 14))) if suptitle else []
-    head = 0.12 + 0.2 * len(lines)
-    top = head + (0.35 if col_labels else 0.05)
-    H = top + nr * (cell_in + gap) + 0.05
-    fig = new_figure(W, H)
-    for r, row in enumerate(cells):
-        for c, cell in enumerate(row):
-            x0 = (left + c * cell_in) / W
-            y0 = 1.0 - (top + r * (cell_in + gap) + cell_in) / H
-            ax = fig.add_axes((x0, y0, cell_in / W, cell_in / H))
-            ax.set_axis_off()
-            if cell is None:
-                continue
-            draw_mesh(ax, cell["vertices"], triangles, colors=cell.get("colors"), bounds=bounds, R=R)
-            if cell.get("title"):
-                ax.text(0.5, -0.03, cell["title"], transform=ax.transAxes, ha="center", va="top", fontsize=7)
-    if row_labels:
-        for r, lab in enumerate(row_labels):
-            y = 1.0 - (top + r * (cell_in + gap) + cell_in / 2) / H
-            fig.text(0.08 / W, y, lab, ha="left", va="center", fontsize=8)
-    if col_labels:
-        for c, lab in enumerate(col_labels):
-            fig.text((left + (c + 0.5) * cell_in) / W, 1.0 - (head + 0.18) / H, lab, ha="center", va="center",
-                     fontsize=8)
-    for k, line in enumerate(lines):
-        fig.text(0.5, 1.0 - (0.14 + 0.2 * k) / H, line, ha="center", va="top", fontsize=9)
-    if vmax is not None:
-        y0, h = (0.05 + gap) / H, (nr * (cell_in + gap) - gap) / H
-        add_colorbar(fig, ((W - right + 0.15) / W, y0 + 0.1 * h, 0.15 / W, 0.8 * h), vmax, label="per-vertex error (mm)")
-    if path is not None:
-        save_figure(fig, path)
-    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,8 +244,6 @@ def make_figures(run, data_root=None, split: str = "test", out=None, max_samples
                  steps: int = 5, device: str = "cpu") -> dict:
     """Write the figure set of a trained run into ``out`` (default ``<run_dir>/figures``).
     Returns (and writes to ``figures.json``) the list of files and the numbers behind them."""
-    from facedis.apps import interpolate as interp_app
-    from facedis.apps import transfer as transfer_app
     from facedis.apps.common import check_same_data, load_split, run_data_root
     from facedis.apps.recognition import recognise_split, summary_line
     from facedis.inference import load

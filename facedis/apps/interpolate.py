@@ -1,4 +1,4 @@
-"""Identity and expression interpolation strips (method-spec §5.3; paper supplementary).
+"""Identity and expression interpolation strips (docs/method.md#applications; paper supplementary).
 
 ``FaceModel.interpolate(a, b, steps, part)`` does the work (linear in μ-code space, both ends
 included). This module picks faces from a split and draws the strip:
@@ -51,7 +51,7 @@ def pick_interpolation_pair(split, part: str = "identity") -> tuple[int, int]:
 def interpolation_figure(model, split, path, part: str = "identity", steps: int = 5, a: Optional[int] = None,
                          b: Optional[int] = None, mesh_dir: Optional[Path] = None) -> dict:
     """Draw [input a | interpolation frames | input b] and optionally write the frames as PLYs."""
-    from facedis.apps.figures import face_grid
+    from facedis.apps.grid import face_grid
 
     if a is None or b is None:
         a, b = pick_interpolation_pair(split, part)

@@ -1,4 +1,5 @@
-"""Face recognition on the disentangled identity (method-spec §5.4, with its bugs fixed).
+"""Face recognition on the disentangled identity (docs/method.md#applications, with the
+reference's bugs fixed).
 
 Protocol (deterministic):
 
@@ -6,7 +7,7 @@ Protocol (deterministic):
   If the split flags no neutral at all, the lowest-``level`` scan of each identity is used and
   the result says so (``gallery_from``).
 - **Probes**: the non-neutral scans of identities that have a gallery entry. A probe is never a
-  gallery entry (the reference put each probe's own neutral in the gallery, §5.4).
+  gallery entry (the reference put each probe's own neutral in the gallery).
 - **Codes** are the posterior means μ (the reference sampled z, so its results were random).
 - **Rank-1 identification**: on identity codes μ_id with cosine similarity, and on the predicted
   neutral faces M̄+Δ_id with the sum of per-vertex Euclidean distances (the reference's vertex

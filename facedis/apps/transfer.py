@@ -1,7 +1,7 @@
-"""Expression transfer (method-spec §5.2, paper Fig. 1): the target's identity with the source's
-expression, ``decode(z_id(target), z_exp(source))`` with μ codes.
+"""Expression transfer (docs/method.md#applications, paper Fig. 1): the target's identity with
+the source's expression, ``decode(z_id(target), z_exp(source))`` with μ codes.
 
-Unlike the reference (fixed subject numbers of one data set, a stale mean-face file, §5.5), the
+Unlike the reference (fixed subject numbers of one data set, a stale mean-face file), the
 faces are picked from whatever split is given, deterministically, and when the data set has
 neutral ground truth the transfer is scored against the synthetic ground truth
 ``neutral_target + (source − neutral_source)`` (exact for data built by adding an expression
@@ -81,7 +81,7 @@ def transfer_grid_figure(model, split, path, n_sources: int = 4, n_targets: int 
     """A transfer grid: header row = targets (identity donors), first column = sources
     (expression donors), cell (i, j) = target j with source i's expression. Writes the PNG and,
     with ``mesh_dir``, one PLY per transfer."""
-    from facedis.apps.figures import face_grid
+    from facedis.apps.grid import face_grid
 
     src, tgt = pick_transfer_faces(split, n_sources, n_targets)
     S, T = len(src), len(tgt)
