@@ -4,8 +4,9 @@ In ONE run, at the CoMA shape (V=5023, d=4+4, −ne-gt: Laplacian on, D on, no B
 and the FaceScape shape (V=4547, d=64+64), it times
 
 - ``faithful``  — the reference step: Conv1d(k=1), dense V×V Laplacian, non-detached fakes,
-  full-VAE re-encode, fp32 eager (``Fidelity()``);
-- ``fast-fp32`` — ``facedis.step.FastPath()``: detached fakes, encoder-only re-encode, sparse
+  full-VAE re-encode, fp32 eager (the default ``FidelityConfig`` with ``dense_laplacian``);
+- ``fast-fp32`` — what ``train.fast=true`` runs (``facedis.components.step_fidelity`` and
+  ``pointwise_mode``): detached fakes, encoder-only re-encode, sparse
   Laplacian, points-major GEMMs with the 1024-wide layer fused with BN+ReLU+max-pool;
 - ``fast-bf16`` — the same under bf16 autocast (only where the CPU has bf16 matmul: avx512_bf16 /
   amx_bf16; always on CUDA);
@@ -124,29 +125,36 @@ def run_variant(shape: str, variant: str, B: int, steps: int, warmup: int, devic
 
     from facedis.losses import uniform_laplacian
     from facedis.model import DisentanglingVAE, IdentityDiscriminator
-    from facedis.step import FastPath, Fidelity, StepWeights, joint_step
+    from facedis.components import pointwise_mode, step_fidelity
+    from facedis.config import Config, FidelityConfig, LossConfig
+    from facedis.step import Updates, joint_step
 
     V, d = SHAPES[shape]["V"], SHAPES[shape]["d"]
     torch.manual_seed(0)
     batch, mean_face, tri = make_problem(V, B, device)
     vae = DisentanglingVAE(V, d, d).to(device)
     disc = IdentityDiscriminator(use_bn=False).to(device)  # the joint D of −ne-gt runs without BN
+    updates = Updates()
     if variant == "faithful":
-        fid, lap_dense, ctx = Fidelity(), True, None
+        fid = FidelityConfig(dense_laplacian=True)
     elif variant == "lean":
-        fid, lap_dense, ctx = Fidelity(detach_fakes=True, encoder_only_reencode=True), False, None
-    else:
-        fp = FastPath(precision="bf16" if variant == "fast-bf16" else "no",
-                      compile=variant.endswith("-compile"))
-        fid, lap_dense, ctx = fp.fidelity(), fp.dense_laplacian, fp.autocast_ctx(device)
-        vae, disc = fp.apply(vae, disc)
-    lap = uniform_laplacian(tri, V, dense=lap_dense).to(device)
+        fid = FidelityConfig(detach_fakes=True, encoder_only_reencode=True)
+    else:  # the fast path as `train.fast=true` resolves it
+        cfg = Config()
+        cfg.train.fast = True
+        fid = step_fidelity(cfg)
+        for m in (vae, disc):
+            m.set_pointwise(pointwise_mode(cfg))
+        if variant == "fast-bf16":
+            updates = Updates(torch.bfloat16, torch.device(device).type)
+        if variant.endswith("-compile"):
+            vae, disc = torch.compile(vae), torch.compile(disc)
+    lap = uniform_laplacian(tri, V, dense=fid.dense_laplacian).to(device)
     ov = torch.optim.Adam(vae.parameters(), lr=1e-4, weight_decay=1e-4)
     od = torch.optim.Adam(disc.parameters(), lr=1e-4)
-    w = StepWeights(recon=100.0, kl_id=5e-7, kl_exp=5e-7, adv_id=1e-3, latent_consistency=1e-2, laplacian=1e-2)
-    kw = dict(use_discriminator=True, neutral_gt=False, use_laplacian=True, fidelity=fid)
-    if ctx is not None:
-        kw["autocast_ctx"] = ctx
+    w = LossConfig(recon=100.0, kl_id=5e-7, kl_exp=5e-7, adv_id=1e-3, latent_consistency=1e-2, laplacian=1e-2,
+                   neutral_recon=0.0, exp_recon=0.0)
+    kw = dict(use_discriminator=True, neutral_gt=False, use_laplacian=True, fidelity=fid, updates=updates)
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, before any step

@@ -139,10 +139,10 @@ class SupervisedRegressor(nn.Module):
     def __init__(self, num_vertices: int, code_dim: int, width: float = 1.0, decoder_hidden: Optional[int] = None,
                  pointwise: str = "conv", encoder_channels=None):
         super().__init__()
-        from facedis.model import MLPDecoder, PointwiseMLP, _scaled, encoder_widths
+        from facedis.model import MLPDecoder, PointwiseMLP, scaled_width, encoder_widths
 
         c = [3] + encoder_widths(width, encoder_channels)
-        hidden = decoder_hidden if decoder_hidden is not None else _scaled(256, width)
+        hidden = decoder_hidden if decoder_hidden is not None else scaled_width(256, width)
         self.num_vertices = num_vertices
         self.encoder = PointwiseMLP(c, use_bn=True, pointwise=pointwise)
         self.fc_code = nn.Linear(c[-1], code_dim)

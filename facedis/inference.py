@@ -66,7 +66,7 @@ def _strip_prefixes(state: dict) -> dict:
     return out
 
 
-def _infer_model_args(state: dict) -> dict:
+def infer_model_args(state: dict) -> dict:
     """Constructor arguments of ``DisentanglingVAE`` read off the weights' shapes."""
     c5 = state["encoder.conv5.weight"].shape[0]  # round(1024 * width)
     return {
@@ -195,7 +195,7 @@ class FaceModel:
         kind = mcfg.get("kind", "vae")
         if kind != "vae":
             raise ValueError(f"{ckpt_path}: model.kind={kind!r}; the inference API needs a trained VAE")
-        args = _infer_model_args(state)
+        args = infer_model_args(state)
         for k in ("id_dim", "exp_dim", "decoder_hidden"):
             if k in mcfg and int(mcfg[k]) != args[k]:
                 raise ValueError(f"{ckpt_path}: model config says {k}={mcfg[k]} but the weights have {args[k]}")

@@ -75,7 +75,7 @@ def _check_pointwise(pointwise: str) -> str:
     return pointwise
 
 
-def _scaled(channels: int, width: float) -> int:
+def scaled_width(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
@@ -91,7 +91,7 @@ def encoder_widths(width: float = 1.0, channels: Optional[Sequence[int]] = None)
             raise ValueError(f"encoder channels must be {len(ENCODER_WIDTHS)} positive widths "
                              f"(the paper's: {list(ENCODER_WIDTHS)}), got {list(channels)}")
         return c
-    return [_scaled(w, width) for w in ENCODER_WIDTHS]
+    return [scaled_width(w, width) for w in ENCODER_WIDTHS]
 
 
 class PointwiseMLP(nn.Module):
@@ -404,7 +404,7 @@ class DisentanglingVAE(nn.Module):
         if encoder_input != "absolute":
             self.register_buffer("input_reference", torch.zeros(num_vertices, 3))
             self.register_buffer("input_offset_scale", torch.ones(()))
-        hidden = decoder_hidden if decoder_hidden is not None else _scaled(256, width)
+        hidden = decoder_hidden if decoder_hidden is not None else scaled_width(256, width)
         # ---- encoder ----
         self.encoder = PointwiseMLP(c, use_bn=True, pointwise=pointwise)
         self.fc_id_mu = nn.Linear(c[-1], id_dim)
@@ -514,8 +514,8 @@ class TNet(nn.Module):
     def __init__(self, k: int, width: float, use_bn: bool, pointwise: str):
         super().__init__()
         self.k = k
-        c = [k] + [_scaled(w, width) for w in (64, 128, 1024)]
-        f = [c[-1], _scaled(512, width), _scaled(256, width), k * k]
+        c = [k] + [scaled_width(w, width) for w in (64, 128, 1024)]
+        f = [c[-1], scaled_width(512, width), scaled_width(256, width), k * k]
         self.features = PointwiseMLP(c, use_bn=use_bn, pointwise=pointwise)
         self.fc = _FCStack(f, use_bn=use_bn)
 
@@ -544,9 +544,9 @@ class IdentityDiscriminator(nn.Module):
         super().__init__()
         self.use_bn = use_bn
         self.tnet = TNet(6, width, use_bn, pointwise)
-        c = [6] + [_scaled(w, width) for w in (64, 128, 1024)]
+        c = [6] + [scaled_width(w, width) for w in (64, 128, 1024)]
         self.features = PointwiseMLP(c, use_bn=use_bn, pointwise=pointwise)
-        h = [c[-1], _scaled(512, width), _scaled(256, width), 2]
+        h = [c[-1], scaled_width(512, width), scaled_width(256, width), 2]
         self.head = _FCStack(h, use_bn=use_bn, dropout_at={2: dropout} if use_bn else None)
 
     @property

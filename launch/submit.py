@@ -12,6 +12,10 @@ Runs land in ``<runs-root>/<grid>/<label>/seed<k>/`` (``cfg.run.dir``); submitit
 of one call go out as one job array. Finished runs (``metrics.json`` present) and runs whose
 last job is still queued or running are skipped, so resubmitting a grid completes it.
 
+Every argument is checked first (:func:`validate_args`: resources and ``--slurm`` values,
+seeds, the grid and its configs), by pure functions that need no Slurm and no submitit executor; a
+bad one exits with status 2 before anything is created or submitted.
+
 Jobs are checkpointable: on preemption/timeout submitit requeues them and the engine resumes from
 ``<run.dir>/checkpoints/last``. Multi-GPU/multi-node jobs run one task per GPU under DDP.
 """
@@ -160,24 +164,74 @@ def job_state(rec: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# executor
+# validation: pure functions (no submitit executor, no scheduler, no file written). The CLI runs
+# them on every argument before it plans, creates a directory or builds an executor.
+
+MAX_SEED = 2**32 - 1  # numpy's seed range; the engine seeds numpy with the run's seed
+# --slurm keys that have their own option (a --slurm value would silently win over it)
+_SLURM_KEYS_WITH_OPTION = {"partition": "--partition", "signal_delay_s": "--signal-delay-s",
+                           "array_parallelism": "--array-parallelism", "time": "--time", "nodes": "--nodes",
+                           "ntasks_per_node": "--tasks-per-node", "cpus_per_task": "--cpus-per-task",
+                           "gpus_per_node": "--gpus-per-node", "mem": "--mem-gb", "job_name": "the grid name"}
 
 
-def make_executor(folder: Path, cluster: str = "slurm", *, nodes: int = 1, gpus_per_node: int = 0,
-                  tasks_per_node: int | None = None, cpus_per_task: int | None = None,
-                  mem_gb: float | None = None, partition: str | None = None, timeout_min: int = 60,
-                  signal_delay_s: int = 120, array_parallelism: int = 256, max_timeouts: int = 3,
-                  job_name: str = "facedis", slurm_extra: dict[str, str] | None = None) -> submitit.AutoExecutor:
-    """A submitit executor for one task per GPU (or ``tasks_per_node`` CPU processes) per node."""
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """At least one seed; each an integer in [0, 2**32 - 1]; no seed twice (two jobs, one run directory)."""
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise ValueError(f"--seeds: {s!r} is not an integer in [0, {MAX_SEED}]")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise ValueError(f"--seeds: {dup} given more than once")
+    return seeds
+
+
+def _slurm_parameter_names() -> set[str] | None:
+    """Names submitit's Slurm executor accepts (read from the class: no executor, no ``srun`` needed)."""
+    try:
+        return set(submitit.SlurmExecutor._valid_parameters())
+    except Exception:  # a submitit without this helper: submitit itself checks at update_parameters
+        return None
+
+
+def _count(value, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def executor_parameters(cluster: str = "slurm", *, nodes: int = 1, gpus_per_node: int = 0,
+                        tasks_per_node: int | None = None, cpus_per_task: int | None = None,
+                        mem_gb: float | None = None, partition: str | None = None, timeout_min: int = 60,
+                        signal_delay_s: int = 120, array_parallelism: int = 256, max_timeouts: int = 3,
+                        job_name: str = "facedis", slurm_extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """Validate the resources of a submission; return the parameters for ``executor.update_parameters``.
+
+    Pure: raises ``ValueError`` for an unknown cluster, a bad count, a GPU job with a task count that
+    is not one per GPU, an unknown or duplicated ``--slurm`` key, or a value that is not a plain token
+    (it would be written into the sbatch script). Slurm-only values are checked on every cluster.
+    """
     if cluster not in ("slurm", "local", "debug"):
         raise ValueError(f"cluster must be slurm, local or debug, got {cluster!r}")
+    _count(nodes, "--nodes", 1)
+    _count(gpus_per_node, "--gpus-per-node", 0)
+    if tasks_per_node is not None:
+        _count(tasks_per_node, "--tasks-per-node", 1)
+    if cpus_per_task is not None:
+        _count(cpus_per_task, "--cpus-per-task", 1)
+    if mem_gb is not None and (isinstance(mem_gb, bool) or not isinstance(mem_gb, (int, float)) or not mem_gb > 0):
+        raise ValueError(f"--mem-gb must be a positive number, got {mem_gb!r}")
+    _count(timeout_min, "--time (minutes)", 1)
+    _count(signal_delay_s, "--signal-delay-s", 0)
+    _count(array_parallelism, "--array-parallelism", 1)
+    _count(max_timeouts, "--max-timeouts", 0)
     tasks = tasks_per_node or max(1, gpus_per_node)
     if gpus_per_node and tasks != gpus_per_node:
-        raise ValueError(f"one task per GPU: tasks_per_node={tasks} but gpus_per_node={gpus_per_node}")
-    kwargs: dict[str, Any] = {"cluster": cluster}
-    if cluster == "slurm":
-        kwargs["slurm_max_num_timeout"] = max_timeouts
-    ex = submitit.AutoExecutor(folder=str(folder), **kwargs)
+        raise ValueError(f"one task per GPU: tasks_per_node={tasks} but gpus_per_node={gpus_per_node}; "
+                         "drop --tasks-per-node")
     params: dict[str, Any] = {
         "name": safe_token(job_name, "job name"),
         "timeout_min": int(timeout_min),
@@ -189,14 +243,39 @@ def make_executor(folder: Path, cluster: str = "slurm", *, nodes: int = 1, gpus_
         params["gpus_per_node"] = int(gpus_per_node)
     if mem_gb:
         params["mem_gb"] = mem_gb
+    slurm: dict[str, Any] = {}
+    if partition is not None:
+        slurm["slurm_partition"] = safe_token(partition, "partition")
+    slurm["slurm_signal_delay_s"] = int(signal_delay_s)
+    slurm["slurm_array_parallelism"] = int(array_parallelism)
+    valid = _slurm_parameter_names()
+    for k, v in (slurm_extra or {}).items():
+        name = safe_token(k, "--slurm key").replace("-", "_")
+        if name in _SLURM_KEYS_WITH_OPTION:
+            raise ValueError(f"--slurm {k}=...: use {_SLURM_KEYS_WITH_OPTION[name]} instead")
+        if valid is not None and name not in valid:
+            raise ValueError(f"--slurm {k}=...: unknown Slurm parameter; valid: {', '.join(sorted(valid))}")
+        slurm[f"slurm_{name}"] = safe_token(v, f"--slurm {k}")
     if cluster == "slurm":
-        if partition is not None:
-            params["slurm_partition"] = safe_token(partition, "partition")
-        params["slurm_signal_delay_s"] = int(signal_delay_s)
-        params["slurm_array_parallelism"] = int(array_parallelism)
-        for k, v in (slurm_extra or {}).items():
-            name = safe_token(k, "--slurm key").replace("-", "_")
-            params[f"slurm_{name}"] = safe_token(v, f"--slurm {k}")
+        params.update(slurm)
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# executor
+
+
+def make_executor(folder: Path, cluster: str = "slurm", *, max_timeouts: int = 3, **resources) -> submitit.AutoExecutor:
+    """A submitit executor for one task per GPU (or ``tasks_per_node`` CPU processes) per node.
+
+    ``resources`` are :func:`executor_parameters`' keywords; they are validated before submitit is
+    called (building a Slurm executor needs ``srun``; rejecting a bad value does not).
+    """
+    params = executor_parameters(cluster, max_timeouts=max_timeouts, **resources)
+    kwargs: dict[str, Any] = {"cluster": cluster}
+    if cluster == "slurm":
+        kwargs["slurm_max_num_timeout"] = max_timeouts
+    ex = submitit.AutoExecutor(folder=str(folder), **kwargs)
     ex.update_parameters(**params)
     return ex
 
@@ -252,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _entries_from_args(args) -> tuple[str, list[GridEntry]]:
+    """The grid's directory name and entries (reads grid/sweep YAML names only; ``ValueError`` if bad)."""
     if args.grid and args.config:
         entries = apply_grid_modes(args.config, args.grid)
         name = args.grid_name or f"{args.grid}-{'+'.join(Path(c).stem for c in args.config)}"
@@ -262,8 +342,33 @@ def _entries_from_args(args) -> tuple[str, list[GridEntry]]:
         entries = configs_as_grid(args.config)
         name = args.grid_name or "+".join(e.label for e in entries)
     else:
-        raise SystemExit("give --config and/or --grid")
+        raise ValueError("give --config and/or --grid")
     return safe_token(name, "grid name"), entries
+
+
+def _resources(args) -> dict[str, Any]:
+    """:func:`make_executor` keywords (bar the job name) of the parsed CLI arguments."""
+    return dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                cpus_per_task=(args.cpus_per_task or 1) if args.probe else args.cpus_per_task,
+                mem_gb=args.mem_gb, partition=args.partition,
+                timeout_min=min(args.time, 15) if args.probe else args.time, signal_delay_s=args.signal_delay_s,
+                array_parallelism=args.array_parallelism, max_timeouts=args.max_timeouts,
+                slurm_extra=dict(args.slurm_extra))
+
+
+def validate_args(args) -> tuple[dict[str, Any], str | None, list[GridEntry]]:
+    """Check every CLI argument before anything is planned, created or submitted.
+
+    Returns (executor keywords, grid name, grid entries); the grid is ``(None, [])`` for ``--probe``.
+    Raises ``ValueError`` naming the bad argument. Needs no scheduler and no submitit executor.
+    """
+    resources = _resources(args)
+    executor_parameters(args.cluster, **resources)
+    if args.probe:
+        return resources, None, []
+    check_seeds(args.seeds)
+    grid, entries = _entries_from_args(args)  # a safe grid name makes a safe job name
+    return resources, grid, entries
 
 
 def wait_for(jobs: list, specs: list[RunSpec]) -> int:
@@ -298,21 +403,19 @@ def _wait_all(jobs: list, specs: list[RunSpec]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.gpus_per_node < 0 or args.nodes < 1:
-        raise SystemExit("--nodes must be >= 1 and --gpus-per-node >= 0")
-    if args.gpus_per_node and args.tasks_per_node and args.tasks_per_node != args.gpus_per_node:
-        raise SystemExit("with GPUs there is one task per GPU; drop --tasks-per-node")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        resources, grid, entries = validate_args(args)
+    except ValueError as e:
+        parser.error(str(e))  # exit status 2; nothing was planned, created or submitted
     cpu = args.gpus_per_node == 0
     runs_root = Path(args.runs_root).resolve()
     wait = args.wait if args.wait is not None else args.cluster != "slurm"
 
     if args.probe:
         folder = runs_root / "_probe" / ".submitit" / "%j"
-        ex = make_executor(folder, args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                           tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task or 1,
-                           mem_gb=args.mem_gb, partition=args.partition, timeout_min=min(args.time, 15),
-                           job_name="facedis-probe", slurm_extra=dict(args.slurm_extra))
+        ex = make_executor(folder, args.cluster, job_name="facedis-probe", **resources)
         job = ex.submit(probe_distributed, cpu)
         print(f"probe job {job.job_id}; waiting ...", flush=True)
         results = job.results()
@@ -320,8 +423,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(r, sort_keys=True))
         return 0
 
-    grid, entries = _entries_from_args(args)
-    specs = plan_runs(entries, grid, args.seeds, runs_root, args.overrides)
+    try:  # loads every config with its overrides: a bad key or value is an argument error too
+        specs = plan_runs(entries, grid, args.seeds, runs_root, args.overrides)
+    except ValueError as e:
+        parser.error(str(e))
     grid_dir = runs_root / grid
     last = latest_jobs(grid_dir)
     todo, skipped = [], []
@@ -348,14 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("nothing to submit")
         return 0
 
+    folder = grid_dir / ".submitit" / "%j"
+    ex = make_executor(folder, args.cluster, job_name=f"facedis-{grid}", **resources)  # Slurm: needs srun
     for s in todo:  # the run directory exists from submission on, so never-started runs are visible
         Path(s.run_dir).mkdir(parents=True, exist_ok=True)
-    folder = grid_dir / ".submitit" / "%j"
-    ex = make_executor(folder, args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                       tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
-                       partition=args.partition, timeout_min=args.time, signal_delay_s=args.signal_delay_s,
-                       array_parallelism=args.array_parallelism, max_timeouts=args.max_timeouts,
-                       job_name=f"facedis-{grid}", slurm_extra=dict(args.slurm_extra))
     threads = args.cpus_per_task or (None if args.gpus_per_node else 1)
     jobs = submit_specs(ex, todo, cpu=cpu, threads=threads)
     now = time.strftime("%Y-%m-%dT%H:%M:%S")

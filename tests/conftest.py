@@ -10,14 +10,31 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
 
 # --------------------------------------------------------------------------------------------
+# nothing a test sees may come from an earlier session or the caller's shell
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_environment(tmp_path_factory):
+    """Per session: ``accelerate launch`` reads ``$HF_HOME/accelerate/default_config.yaml`` (default
+    ``~/.cache/huggingface``), which an earlier ``accelerate config`` may have left: point it at an
+    empty directory. ``ACCELERATE_*`` variables override what the tests configure, and
+    ``RAY_ADDRESS`` would send the sweep tests' private Ray to someone's cluster: drop them."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf-home")))
+        for key in [k for k in os.environ if k.startswith("ACCELERATE_") or k == "RAY_ADDRESS"]:
+            mp.delenv(key)
+        yield
+
+
+# --------------------------------------------------------------------------------------------
 # engine fixtures (tests/test_engine.py, test_resume.py, test_ddp.py, test_config.py)
-import pytest  # noqa: E402
 
 TINY_SYNTH = dict(subjects=10, per_subject=8, vertices=300, seed=0)
 """Tiny synthetic data set: 8 training / 2 test identities (two, so that D pretraining has

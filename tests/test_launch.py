@@ -71,12 +71,124 @@ def test_parse_time():
         submit.parse_time("1h")
 
 
-@pytest.mark.parametrize("bad", ["gpu; rm -rf /", "a b", "x\ny", "$(id)", "`id`", "a'b", ""])
-def test_unsafe_values_rejected(bad, tmp_path):
+@pytest.fixture
+def no_slurm(monkeypatch, tmp_path):
+    """No Slurm client on PATH and no submitit executor to be had: validation must need neither.
+
+    (A Slurm executor needs ``srun``; on a machine where Slurm was never installed building one
+    fails, so a check that only runs inside ``make_executor`` would depend on the machine.)
+    """
+    empty = tmp_path / "no-slurm-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validation built a submitit executor")
+
+    monkeypatch.setattr(submit.submitit, "AutoExecutor", refuse)
+
+
+UNSAFE = ["gpu; rm -rf /", "a b", "x\ny", "$(id)", "`id`", "a'b", ""]
+
+
+@pytest.mark.parametrize("bad", UNSAFE)
+def test_unsafe_values_rejected(bad, no_slurm, tmp_path):
+    for cluster in ("slurm", "local"):
+        with pytest.raises(ValueError):
+            submit.executor_parameters(cluster, partition=bad)
+        with pytest.raises(ValueError):
+            submit.executor_parameters(cluster, slurm_extra={"account": bad})
+        with pytest.raises(ValueError):
+            submit.executor_parameters(cluster, slurm_extra={bad: "abc"})
+        with pytest.raises(ValueError):
+            submit.executor_parameters(cluster, job_name=bad)
+    # make_executor rejects before it hands anything to submitit (AutoExecutor would raise AssertionError)
     with pytest.raises(ValueError):
         submit.make_executor(tmp_path / "%j", "slurm", partition=bad)
     with pytest.raises(ValueError):
         submit.make_executor(tmp_path / "%j", "slurm", slurm_extra={"account": bad})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cluster="pbs"), "cluster"),
+    (dict(nodes=0), "--nodes"),
+    (dict(gpus_per_node=-1), "--gpus-per-node"),
+    (dict(gpus_per_node=2, tasks_per_node=1), "one task per GPU"),
+    (dict(tasks_per_node=0), "--tasks-per-node"),
+    (dict(cpus_per_task=0), "--cpus-per-task"),
+    (dict(mem_gb=0), "--mem-gb"),
+    (dict(timeout_min=0), "--time"),
+    (dict(signal_delay_s=-1), "--signal-delay-s"),
+    (dict(array_parallelism=0), "--array-parallelism"),
+    (dict(max_timeouts=-1), "--max-timeouts"),
+    (dict(nodes=1.5), "--nodes"),
+    (dict(slurm_extra={"partition": "gpu"}), "use --partition"),
+    (dict(slurm_extra={"time": "10"}), "use --time"),
+    (dict(slurm_extra={"no_such_option": "1"}), "unknown Slurm parameter"),
+])
+def test_bad_resources_rejected(kwargs, match, no_slurm):
+    with pytest.raises(ValueError, match=match):
+        submit.executor_parameters(**kwargs)
+
+
+def test_executor_parameters(no_slurm):
+    p = submit.executor_parameters("slurm", gpus_per_node=4, partition="gpu", timeout_min=90, job_name="facedis-g",
+                                   slurm_extra={"account": "abc", "qos": "high"})
+    assert p == {"name": "facedis-g", "timeout_min": 90, "nodes": 1, "tasks_per_node": 4, "cpus_per_task": 8,
+                 "gpus_per_node": 4, "slurm_partition": "gpu", "slurm_signal_delay_s": 120,
+                 "slurm_array_parallelism": 256, "slurm_account": "abc", "slurm_qos": "high"}
+    local = submit.executor_parameters("local", tasks_per_node=2, partition="gpu", mem_gb=2.5)
+    assert local == {"name": "facedis", "timeout_min": 60, "nodes": 1, "tasks_per_node": 2, "cpus_per_task": 1,
+                     "mem_gb": 2.5}
+
+
+@pytest.mark.parametrize("seeds", [[], [-1], [0, 2**32], [1, 0, 1], [True], ["0"], [0.5]])
+def test_bad_seeds_rejected(seeds):
+    with pytest.raises(ValueError, match="--seeds"):
+        submit.check_seeds(seeds)
+
+
+def test_good_seeds():
+    assert submit.check_seeds([0, 3, 2**32 - 1]) == [0, 3, 2**32 - 1]
+    assert submit.check_seeds((5,)) == [5]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--grid", "nope"],
+    ["--grid", "sweep:/nonexistent/facedis-sweep"],
+    ["--seeds", "0", "0"],
+    ["--seeds", "-1"],
+    ["--partition", "gpu; rm -rf /"],
+    ["--slurm", "account=$(id)"],
+    ["--slurm", "partition=gpu"],
+    ["--nodes", "0"],
+    ["--gpus-per-node", "2", "--tasks-per-node", "1"],
+    ["--gpus-per-node", "-1"],
+    ["--grid-name", "a b"],
+    ["--set", "train.no_such_key=1"],
+], ids=lambda a: " ".join(a))
+def test_cli_rejects_bad_arguments_before_anything(argv, no_slurm, tmp_path, capsys):
+    """Every bad argument exits with status 2 and a message: no executor built, no directory created."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": "synth"}))
+    runs = tmp_path / "runs"
+    base = [] if "--grid" in argv else ["--config", str(cfg)]
+    with pytest.raises(SystemExit) as e:
+        submit.main([*base, *argv, "--runs-root", str(runs), "--cluster", "slurm"])
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+    assert not runs.exists()
+
+
+def test_cli_dry_run_needs_no_slurm(no_slurm, tmp_path, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": "synth"}))
+    runs = tmp_path / "runs"
+    assert submit.main(["--config", str(cfg), "--seeds", "0", "1", "--runs-root", str(runs), "--cluster", "slurm",
+                        "--partition", "gpu", "--slurm", "account=abc", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would   p/seed0" in out and "would   p/seed1" in out
+    assert not runs.exists()
 
 
 def test_named_grids_are_data():

@@ -54,12 +54,12 @@ def test_width_multiplier_slims_network():
 
 
 def test_explicit_encoder_channels_and_inference_reads_them_back():
-    from facedis.inference import _infer_model_args
+    from facedis.inference import infer_model_args
 
     m = DisentanglingVAE(V, 4, 3, width=0.125, encoder_channels=[64, 64, 64, 128, 96], decoder_hidden=16)
     widths = [getattr(m.encoder, f"conv{i}").weight.shape[0] for i in range(1, 6)]
     assert widths == [64, 64, 64, 128, 96] and m.fc_id_mu.in_features == 96
-    args = _infer_model_args(m.state_dict())
+    args = infer_model_args(m.state_dict())
     assert args["encoder_channels"] == widths
     m2 = DisentanglingVAE(**args)
     m2.load_state_dict(m.state_dict())

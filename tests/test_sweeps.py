@@ -203,6 +203,9 @@ def sweep(tmp_path_factory):
     pytest.importorskip("facedis.engine", reason="facedis.engine not written yet")
     out = tmp_path_factory.mktemp("sweep") / "smoke"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # --smoke-test keeps its data set and pretrained-D cache under $TMPDIR/facedis-smoke: a private
+    # TMPDIR, so nothing an earlier session (or a concurrent one) left there is reused
+    env["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
     log = out.parent / "first.log"
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, str(TUNE_PY), "--dataset", "synth", "--smoke-test", "--out", str(out)],
