@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from facedis.components import OpenRun, open_run, pointwise_mode
 from facedis.config import Config, ConfigError, config_to_dict
+from facedis.curves import write_run_curves
 from facedis.distributed import mix_seed
 from facedis.evaluation import eval_line, evaluate, summary
 from facedis.loop import LossMeter, LoopState, fetch, progress_bar, train_one_epoch
@@ -312,9 +313,10 @@ class _BaselineRun:
         if rt.is_main:
             rd.write_final(metrics, ("baseline.pt", {"format": "facedis-baseline/1", "kind": kind, **payload,
                                                      "config": config_to_dict(cfg), "metrics": metrics}))
+            write_run_curves(rd.path, title=f"{cfg.run.name}: baseline {kind} on {cfg.dataset}")
             print(summary(f"facedis: baseline {kind} on {cfg.dataset} finished in "
                           f"{(time.time() - self.started_at) / 60:.1f} min", metrics, rd.path,
-                          "metrics.json, metrics.jsonl, config.yaml, provenance.json, baseline.pt",
+                          "metrics.json, metrics.jsonl, curves.png, config.yaml, provenance.json, baseline.pt",
                           e_rec_note="  (Δ_exp ≡ 0: distance of the predicted neutral to the input)"), flush=True)
         rt.wait()
         return metrics

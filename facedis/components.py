@@ -193,7 +193,7 @@ def open_run(cfg: Config, *, with_train: bool = True, write_config: bool = True)
     returned has ``train.precision`` resolved to what the run uses."""
     started = time.time()
     cfg = check_config(cfg)
-    rt = Runtime(cfg.train)
+    rt = Runtime(cfg.train, cfg.run)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=rt.precision))
     world = rt.world
     if cfg.train.batch_size % world:

@@ -51,12 +51,14 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     root: str = "data/synth"
-    """Prepared data set directory (``data_prep/prepare.py`` output)."""
+    """Prepared data set directory (``facedis prepare`` output)."""
     prepare: list[str] = field(default_factory=list)
-    """If ``root`` does not exist, run ``data_prep/prepare.py`` with these arguments (``--out root`` is added).
+    """If ``root`` does not exist, run ``facedis prepare`` with these arguments (``--out root`` is added).
     Empty: a missing ``root`` is an error."""
     train_split: str = "train"
+    """Split the model trains on."""
     test_split: str = "test"
+    """Split the metrics are measured on."""
     in_memory: Literal["auto", "yes", "no"] = "auto"
     """Load shards into RAM (``auto``: when they fit in a quarter of the available memory)."""
     num_workers: int = 0
@@ -68,15 +70,19 @@ class ModelConfig:
     kind: Literal["vae", "mean_face", "identity_map", "ridge", "supervised"] = "vae"
     """``vae`` is the paper's method; the others are baselines (docs/results.md)."""
     id_dim: int = 4
+    """Size of the identity latent z_id."""
     exp_dim: int = 4
+    """Size of the expression latent z_exp."""
     width: float = 1.0
     """Multiplier of the PointNet encoder's widths (1.0 = the paper's 64/64/64/128/1024)."""
     encoder_channels: list[int] = field(default_factory=list)
     """The encoder's five point-wise widths, overriding ``width`` when not empty (e.g. ``[64, 64, 64, 128, 128]``)."""
     decoder_hidden: int = 256
+    """Hidden width of the two MLP decoders."""
     disc_width: float = 1.0
     """Multiplier of the discriminator's widths."""
     disc_dropout: float = 0.5
+    """Dropout of the discriminator's head (when it uses BatchNorm + dropout)."""
     pointwise: Literal["conv", "linear", "fused"] = "conv"
     """Point-wise layers as ``Conv1d(k=1)`` (reference) or as points-major ``Linear`` (same math, faster)."""
     encoder_input: Literal["absolute", "absolute+offset"] = "absolute"
@@ -103,13 +109,21 @@ class MethodConfig:
 @dataclass
 class LossConfig:
     recon: float = 100.0
+    """λ1: weight of the full-face reconstruction MSE."""
     kl_id: float = 5e-7
+    """λ2: weight of the identity latent's KL term."""
     kl_exp: float = 5e-7
+    """λ2: weight of the expression latent's KL term."""
     adv_id: float = 1e-3
+    """λ3: weight of the adversarial identity loss −log D(X, M̄+Δ_id)."""
     latent_consistency: float = 1e-2
+    """λ4: weight of the L1 between z_id and the code of the re-encoded predicted neutral."""
     laplacian: float = 1e-2
+    """λ5: weight of the uniform Laplacian of the predicted neutral."""
     neutral_recon: float = 1000.0
+    """Weight of the MSE to the neutral ground truth (+ne-gt only; reference: λ1·λ6)."""
     exp_recon: float = 0.0
+    """Weight of the expression-offset MSE to X − X_n (BU-3DFE +ne-gt; reference: λ1·λ6)."""
     kl_decay_epochs: int = 0
     """If > 0, KL weights are multiplied by (T − epoch)/T (reference CoMA: T = 350)."""
 
@@ -119,10 +133,15 @@ class FidelityConfig:
     """Switches between the reference code's behaviour and fixes (docs/fidelity.md)."""
 
     analytic_kl: bool = False
+    """Closed-form KL instead of the reference's one-sample Monte Carlo estimate (changes results)."""
     disc_bn_match: bool = False
+    """The joint discriminator keeps the pretraining's BatchNorm/dropout setting (changes results)."""
     detach_fakes: bool = False
+    """Detach the fakes in the discriminator step (same updates, fewer FLOPs; required under DDP)."""
     encoder_only_reencode: bool = False
+    """Re-encode the predicted neutral with the encoder only (same updates, less work)."""
     reencode_mu: bool = False
+    """Latent consistency between means instead of sampled codes (changes results)."""
     dense_laplacian: bool = False
     """Dense V×V Laplacian as in the reference (same values as the sparse one, ~100× the cost)."""
 
@@ -130,18 +149,27 @@ class FidelityConfig:
 @dataclass
 class OptimConfig:
     lr_vae: float = 1e-4
+    """Adam learning rate of the VAE."""
     lr_disc: float = 1e-4
+    """Adam learning rate of the discriminator during joint training."""
     weight_decay_vae: float = 1e-4
+    """Adam weight decay of the VAE."""
     lr_step_epochs: int = 50
+    """Multiply the learning rates by ``lr_gamma`` every N epochs."""
     lr_gamma: float = 0.7
+    """Learning-rate decay factor of the step schedule."""
 
 
 @dataclass
 class PretrainConfig:
     epochs: int = 50
+    """Epochs of discriminator pretraining on same/different-identity pairs."""
     batch_size: int = 32
+    """Batch size of discriminator pretraining."""
     lr: float = 1e-4
+    """Adam learning rate of discriminator pretraining."""
     use_bn: bool = True
+    """BatchNorm + dropout in the discriminator during pretraining."""
     enabled: bool = True
     """Pretrain the discriminator before joint training (skipped when its artefact already exists)."""
     seed: int = 0
@@ -151,9 +179,11 @@ class PretrainConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 300
+    """Epochs of joint training (after discriminator pretraining)."""
     batch_size: int = 32
     """Global batch size: split evenly across processes (must be divisible by the world size)."""
     eval_batch_size: int = 64
+    """Batch size of evaluation."""
     eval_every: int = 10
     """Evaluate on the test split every N epochs (and always at the end)."""
     checkpoint_every: int = 1
@@ -161,6 +191,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     """Also save a mid-epoch checkpoint every N steps (0 = off)."""
     seed: int = 0
+    """Seed of the run (initialisation, data order, sampling)."""
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Mixed precision of the training forward: ``auto`` follows Accelerate's launch configuration
     (``accelerate config``, ``accelerate launch --mixed_precision``, ``ACCELERATE_MIXED_PRECISION``;
@@ -176,7 +207,9 @@ class TrainConfig:
     max_steps_per_epoch: int = 0
     """Debug/benchmark: stop an epoch after N steps (0 = full epoch)."""
     progress: bool = True
+    """Show a progress bar."""
     log_every_steps: int = 50
+    """Log the training losses every N steps."""
     image_every: int = 0
     """Write an error-map image to TensorBoard every N epochs (0 = only at the end)."""
     cpu: bool = False
@@ -196,12 +229,15 @@ class RunConfig:
     name: str = "run"
     """Run name: a relative path inside ``out_dir`` (no ``..``)."""
     out_dir: str = "runs"
+    """Parent directory of run directories named by ``name``."""
     dir: str = ""
     """Run directory; empty means ``<out_dir>/<name>``."""
     artefact_dir: str = "runs/_artefacts"
     """Where pretrained discriminators are cached (keyed by content hash)."""
     tensorboard: bool = True
-    """Write TensorBoard event files to ``<run dir>/tb``."""
+    """Write TensorBoard event files to ``<run dir>/tb`` (through Accelerate's trackers)."""
+    log_with: list[str] = field(default_factory=list)
+    """More experiment trackers through Accelerate: ``wandb`` and/or ``mlflow`` (install them first)."""
 
     def resolved_dir(self) -> Path:
         return Path(self.dir) if self.dir else Path(self.out_dir) / self.name
@@ -455,6 +491,9 @@ def _merge_layers(layers, probe: Config | None) -> dict:
 def load_config(path: str | os.PathLike | None = None, overrides: dict | list | None = None) -> Config:
     """Load a YAML preset (with ``base:`` composition) and apply dotted overrides.
 
+    ``path`` is a YAML file or the name of a shipped preset (``synth``, ``rows/coma-negt-iddis``,
+    ``configs/coma.yaml``; :func:`resolve_preset`).
+
     A preset may hold ``per_mode:`` blocks keyed by mode (``+ne-gt``, ``-ne-gt``, ``+id-dis``,
     ``-id-dis`` or a combination such as ``-ne-gt+id-dis``). The blocks whose mode matches the
     final ``method.neutral_gt`` / ``method.id_discriminator`` (after the overrides) are merged into
@@ -467,7 +506,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | list | 
         overrides = dict(parse_override(o) for o in overrides)
     data: dict = {}
     if path:
-        layers = _read_layers(Path(path))
+        layers = _read_layers(resolve_preset(path))
         data = _merge_layers(layers, None)
         if any(pm for _, pm, _ in layers):
             probe = config_from_dict(data)
@@ -508,6 +547,10 @@ def validate(cfg: Config) -> None:
     if not cfg.run.name or name.is_absolute() or ".." in name.parts:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a relative name inside run.out_dir (no '..', not "
                           "absolute); use run.dir to put a run anywhere")
+    unknown = sorted(set(cfg.run.log_with) - {"wandb", "mlflow"})
+    if unknown:
+        raise ConfigError(f"run.log_with: unknown tracker(s) {unknown}; valid: wandb, mlflow (TensorBoard is "
+                          "run.tensorboard)")
     if cfg.train.cpu_threads < 0:
         raise ConfigError(f"train.cpu_threads must be >= 0, got {cfg.train.cpu_threads}")
     if cfg.train.epochs < 0 or cfg.pretrain.epochs < 0:
@@ -535,3 +578,141 @@ def config_hash(section) -> str:
 
     blob = json.dumps(dataclasses.asdict(section), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# shipped presets
+
+
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+"""The presets shipped with the package (package data; ``configs/`` in a source checkout links here)."""
+
+
+def list_presets() -> list[str]:
+    """Names of the shipped presets (``synth``, ``coma``, ``rows/coma-negt-iddis``, ...)."""
+    return sorted(p.relative_to(PRESETS_DIR).with_suffix("").as_posix() for p in PRESETS_DIR.rglob("*.yaml"))
+
+
+def resolve_preset(path: str | os.PathLike) -> Path:
+    """The YAML file ``--config path`` means: an existing file, else a shipped preset.
+
+    A name such as ``synth``, ``rows/coma-negt-iddis``, ``coma.yaml`` or ``configs/coma.yaml`` that
+    is not a file here names ``facedis/configs/<name>.yaml``, so the presets (and the documented
+    ``--config configs/x.yaml``) work from any directory. Raises :class:`ConfigError` listing the
+    shipped presets when neither exists.
+    """
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    if not given.is_absolute():
+        name = given.as_posix().removeprefix("./").removeprefix("configs/")
+        if not name.endswith((".yaml", ".yml")):
+            name += ".yaml"
+        candidate = PRESETS_DIR / name
+        if candidate.is_file() and PRESETS_DIR in candidate.resolve().parents:
+            return candidate
+    raise ConfigError(f"config file not found: {path} (and no shipped preset of that name; presets: "
+                      f"{', '.join(list_presets())})")
+
+
+# --------------------------------------------------------------------------------------------
+# command-line overrides and help
+
+
+def split_cli_overrides(args: list[str]) -> list[str]:
+    """Command-line words -> override strings: ``--a.b=1``, ``--a.b 1`` and ``a.b=1`` are one syntax
+    across ``facedis train``, ``tune`` and ``submit``: ``["--a.b=1", "--c.d", "2"]`` -> ``["a.b=1", "c.d=2"]``.
+
+    Raises :class:`ConfigError` for a word that is not an override (keys are checked when applied).
+    """
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        key = a[2:] if a.startswith("--") else a
+        if "=" in key:
+            out.append(key)
+        elif a.startswith("--") and "." in key and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append(f"{key}={args[i + 1]}")
+            i += 1
+        else:
+            raise ConfigError(f"unrecognised argument {a!r}: config overrides look like --section.key=value "
+                              "(see --help for every field)")
+        i += 1
+    return out
+
+
+def _field_docs() -> dict[str, dict[str, str]]:
+    """``{class name: {field: attribute docstring}}`` read from this module's source."""
+    import ast
+    import inspect
+    import sys
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    docs: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields = docs.setdefault(node.name, {})
+        for stmt, nxt in zip(node.body, node.body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                fields[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in typing.get_args(tp)) + "}"
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return f"list[{_type_name(item)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _cli_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return v if v else "''"
+    if isinstance(v, list):
+        return "[" + ", ".join(_cli_value(x) for x in v) + "]"
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def _first_sentence(doc: str) -> str:
+    text = " ".join(doc.split()).replace("``", "`")
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", text, maxsplit=1)[0]
+
+
+def describe_fields(cls=Config, prefix: str = "") -> list[dict[str, str]]:
+    """Every config field as ``{"key", "type", "default", "doc"}`` (dotted key, type name, default as
+    typed on the command line, the first sentence of the field's docstring in this module)."""
+    docs = _field_docs()
+    defaults = cls()
+    out = []
+    for f, tp in _field_types(cls).items():
+        key = f"{prefix}{f}"
+        if dataclasses.is_dataclass(tp):
+            out += describe_fields(tp, key + ".")
+            continue
+        out.append({"key": key, "type": _type_name(tp), "default": _cli_value(getattr(defaults, f)),
+                    "doc": _first_sentence(docs.get(cls.__name__, {}).get(f, ""))})
+    return out
+
+
+def fields_help(width: int = 100) -> str:
+    """The config fields as help text: ``key  type = default`` and the field's meaning below it."""
+    import textwrap
+
+    lines = ["config fields (override any with --section.key=value; type = default, then its meaning):"]
+    section = None
+    for d in describe_fields():
+        top = d["key"].split(".")[0] if "." in d["key"] else None
+        if top != section:
+            section = top
+            lines.append("")
+        lines.append(f"  {d['key']}  {d['type']} = {d['default']}")
+        lines += textwrap.wrap(d["doc"], width=width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)

@@ -57,7 +57,8 @@ from facedis.loop import (
     progress_bar,
     train_one_epoch,
 )
-from facedis.rundir import RunDir, atomic_write_text, json_default, package_versions
+from facedis.curves import write_run_curves
+from facedis.rundir import RunDir, atomic_write_text, flat_dict, json_default, package_versions
 from facedis.runtime import Runtime, rng_state, seed_everything, set_rng_state
 from facedis.shards import DatasetError
 
@@ -97,12 +98,12 @@ def train_vae(cfg: Config, report: Optional[Reporter] = None) -> dict:
     if finished is not None:
         rt.print(f"[facedis] {rd.path} is already finished (metrics.json exists); nothing to do")
         return finished
-    writer = open_writer(cfg, rt, rd)
     resuming = rt.broadcast(rd.find_checkpoint() is not None)
     if resuming:
         disc_state, disc_record = None, {"restored_from_checkpoint": True}
     else:
-        disc_state, disc_record = pretrain_discriminator(cfg, rt, data, writer)
+        rt.start_trackers(tracker_config(cfg), cfg.run.name)
+        disc_state, disc_record = pretrain_discriminator(cfg, rt, data)
     m = build_joint(cfg, rt, data, disc_state)
     tc = cfg.train
     sampler = GlobalBatchSampler(len(data.train), tc.batch_size, rt.world, rt.rank, seed=mix_seed(tc.seed, 2),
@@ -110,7 +111,7 @@ def train_vae(cfg: Config, report: Optional[Reporter] = None) -> dict:
     spe = sampler.steps_per_epoch()
     if spe == 0:
         raise ConfigError("the training split has fewer samples than one global batch")
-    state = LoopState(meter=LossMeter(rt.device), writer=writer, where=f"Run directory: {rd.path}")
+    state = LoopState(meter=LossMeter(rt.device), log=True, where=f"Run directory: {rd.path}")
     last_eval: Optional[dict] = None
     last_train: dict = {}
     start_epoch = start_step = 0
@@ -119,9 +120,8 @@ def train_vae(cfg: Config, report: Optional[Reporter] = None) -> dict:
         path = rd.find_checkpoint()
         start_epoch, start_step, last_eval, last_train = restore_checkpoint(path, m, state, cfg, rt)
         rt.print(f"[facedis] resuming from {path} (epoch {start_epoch + 1}, step {start_step})")
-        if writer is not None:  # drop the events written after the checkpoint
-            writer.close()
-            state.writer = writer = open_writer(cfg, rt, rd, purge_step=state.global_step + 1)
+        # TensorBoard drops the events written after the checkpoint
+        rt.start_trackers(tracker_config(cfg), cfg.run.name, purge_step=state.global_step + 1)
     rd.reset_metrics(start_epoch)
     rd.write_provenance(cfg, info=data.info, world_size=rt.world, device=rt.device, precision=rt.precision,
                         started_at=run.started_at, pretrained_disc=disc_record,
@@ -174,10 +174,12 @@ def train_vae(cfg: Config, report: Optional[Reporter] = None) -> dict:
                     rec["time/eval_s"] = time.time() - t_eval
                 rec["time/epoch_s"] = time.time() - t_epoch
                 rd.append_metrics(rec)
-                log_epoch(writer, rec, data, per_vertex, image_due=(tc.image_every and (epoch + 1) % tc.image_every == 0)
+                log_epoch(rt, rec, data, per_vertex, image_due=(tc.image_every and (epoch + 1) % tc.image_every == 0)
                           or epoch + 1 == E)
                 if evaluated:
                     rt.print(eval_line(epoch + 1, last_eval))
+                    if rt.is_main:
+                        write_run_curves(rd.path, title=f"{cfg.run.name}: {cfg.dataset} {cfg.mode}")
                 if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == E or evaluated or state.stop:
                     path = save_checkpoint(epoch + 1, 0)
                 else:
@@ -191,8 +193,7 @@ def train_vae(cfg: Config, report: Optional[Reporter] = None) -> dict:
     finally:
         if state.bar is not None:
             state.bar.close()
-        if writer is not None:
-            writer.close()
+        rt.end_trackers()
     final = {**last_eval, **last_train, "epoch": E, "global_step": state.global_step, "seed": tc.seed,
              "dataset": cfg.dataset, "mode": cfg.mode}
     if rt.is_main:
@@ -202,8 +203,8 @@ def train_vae(cfg: Config, report: Optional[Reporter] = None) -> dict:
         print(summary(f"facedis: finished {cfg.dataset} {cfg.mode} ({E} epochs, {state.global_step} steps, world size "
                       f"{rt.world}, {rt.device.type}, precision {rt.precision}) in "
                       f"{(time.time() - run.started_at) / 60:.1f} min", final, rd.path,
-                      "metrics.json, metrics.jsonl, model.pt, config.yaml,\n    provenance.json, checkpoints/last/, "
-                      f"tb/ (tensorboard --logdir {rd.path / 'tb'})"), flush=True)
+                      "metrics.json, metrics.jsonl, curves.png, model.pt, config.yaml,\n    provenance.json, "
+                      f"checkpoints/last/, tb/ (tensorboard --logdir {rd.path / 'tb'})") + next_steps(rd.path), flush=True)
     rt.wait()
     return final
 
@@ -219,7 +220,7 @@ def kl_scale(cfg: Config, epoch: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # discriminator pretraining
 # ---------------------------------------------------------------------------------------------
-def pretrain_discriminator(cfg: Config, rt: Runtime, data, writer=None) -> tuple[Optional[dict], dict]:
+def pretrain_discriminator(cfg: Config, rt: Runtime, data) -> tuple[Optional[dict], dict]:
     """``(pretrained D state dict or None, record for provenance.json)``: from the artefact cache,
     or trained now and cached (atomically; concurrent runs keep the first artefact)."""
     if not cfg.method.id_discriminator:
@@ -231,7 +232,7 @@ def pretrain_discriminator(cfg: Config, rt: Runtime, data, writer=None) -> tuple
     path = art / "disc.pt"
     if not rt.broadcast(path.is_file()):
         rt.print(f"[facedis] pretraining the identity discriminator ({cfg.pretrain.epochs} epochs) -> {art}")
-        state_dict, history = train_discriminator(cfg, rt, data, writer)
+        state_dict, history = train_discriminator(cfg, rt, data)
         if rt.is_main:
             tmp = art.with_name(f".{art.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -252,7 +253,7 @@ def pretrain_discriminator(cfg: Config, rt: Runtime, data, writer=None) -> tuple
     return ckpt["state_dict"], {"artefact": str(art.resolve()), **key}
 
 
-def train_discriminator(cfg: Config, rt: Runtime, data, writer=None) -> tuple[dict, list]:
+def train_discriminator(cfg: Config, rt: Runtime, data) -> tuple[dict, list]:
     """Train a fresh discriminator on same/different-identity pairs of the training split;
     ``(state dict, per-epoch history)``."""
     pc = cfg.pretrain
@@ -288,10 +289,7 @@ def train_discriminator(cfg: Config, rt: Runtime, data, writer=None) -> tuple[di
             except DatasetError as e:
                 rt.print(f"[facedis] no D test accuracy: {e}")
         history.append(rec)
-        if writer is not None:
-            for k, v in rec.items():
-                if k != "epoch":
-                    writer.add_scalar(k, v, epoch + 1)
+        rt.log({k: v for k, v in rec.items() if k != "epoch"}, step=epoch + 1)
     if state.bar is not None:
         state.bar.close()
     last = history[-1] if history else {}
@@ -446,27 +444,26 @@ def check_replicas(cfg: Config, rt: Runtime, *modules) -> None:
         raise ReplicaDivergenceError(f"the {rt.world} processes hold different parameters: {allc.tolist()}")
 
 
-def open_writer(cfg: Config, rt: Runtime, rd: RunDir, purge_step: Optional[int] = None):
-    if not (rt.is_main and cfg.run.tensorboard):
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(rd.path / "tb"), purge_step=purge_step)
+def tracker_config(cfg: Config) -> dict:
+    """The config as flat hyper-parameters for the experiment trackers (lists as text)."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+            for k, v in flat_dict(config_to_dict(cfg)).items()}
 
 
-def log_epoch(writer, rec: dict, data, per_vertex: Optional[np.ndarray], image_due: bool) -> None:
-    """An epoch's record to TensorBoard: train means under ``epoch/``, metrics under ``eval/``."""
-    if writer is None:
-        return
-    epoch = rec["epoch"]
-    for k, v in rec.items():
-        if isinstance(v, (int, float)) and k != "epoch" and v is not None:
-            tag = k if "/" in k else f"eval/{k}"
-            writer.add_scalar(f"epoch/{k}" if k.startswith("train/") else tag, v, epoch)
+def log_epoch(rt: Runtime, rec: dict, data, per_vertex: Optional[np.ndarray], image_due: bool) -> None:
+    """An epoch's record to the trackers at its global step: train means under ``epoch/``,
+    metrics under ``eval/``, learning rates as ``lr/``; the per-vertex error map as a figure."""
+    step = rec["global_step"]
+    rt.log({(f"epoch/{k}" if k.startswith("train/") else k if "/" in k else f"eval/{k}"): v
+            for k, v in rec.items() if k not in ("epoch", "global_step")}, step=step)
     if per_vertex is not None and image_due:
-        writer.add_figure("eval/error_map", error_map_figure(data.info, per_vertex,
-                                                             f"E_rec per vertex, epoch {epoch}"), epoch)
-    writer.flush()
+        rt.log_figure("eval/error_map", error_map_figure(data.info, per_vertex,
+                                                         f"E_rec per vertex, epoch {rec['epoch']}"), step)
+
+
+def next_steps(run_dir: Path) -> str:
+    return (f"\n  next: python -m facedis.apps figures --run {run_dir} --out {run_dir / 'figures'}"
+            f"\n        python facedis/train.py --eval-only {run_dir}")
 
 
 def model_payload(cfg: Config, data, vae: torch.nn.Module) -> dict:

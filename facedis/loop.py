@@ -111,7 +111,8 @@ class LoopState:
     global_step: int = 0
     stop: int = 0
     bar: object = None
-    writer: object = None
+    log: bool = False
+    """Send the window means to the experiment trackers (``rt.log``)."""
     where: str = ""
     """Named in error messages (e.g. the run directory)."""
     postfix: tuple = field(default=("total", "recon", "neutral_recon", "disc", "disc_acc"))
@@ -166,9 +167,8 @@ def train_one_epoch(step: Callable[[dict], dict], batches: Iterable[dict], state
             state.bar.update(1)
         if state.global_step % log_every == 0:
             win = check_window(state, rt, steps_per_epoch)
-            if state.writer is not None:
-                for k, v in win.items():
-                    state.writer.add_scalar(f"{tag}/{k}", v, state.global_step)
+            if state.log:
+                rt.log({f"{tag}/{k}": v for k, v in win.items()}, step=state.global_step)
             if state.bar is not None and win:
                 state.bar.set_postfix({k: f"{win[k]:.3g}" for k in state.postfix if k in win}, refresh=False)
         if save_checkpoint is None:

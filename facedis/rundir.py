@@ -32,7 +32,7 @@ RESUME_COMPATIBLE = {
     "train.epochs", "train.progress", "train.log_every_steps", "train.eval_every", "train.checkpoint_every",
     "train.checkpoint_every_steps", "train.image_every", "train.cpu", "train.cpu_threads", "train.eval_batch_size",
     "train.check_sync", "data.num_workers", "data.in_memory", "data.root", "data.prepare",
-    "run.name", "run.out_dir", "run.dir", "run.artefact_dir", "run.tensorboard",
+    "run.name", "run.out_dir", "run.dir", "run.artefact_dir", "run.tensorboard", "run.log_with",
 }
 """Config keys that may differ between a run and the rerun that resumes it."""
 

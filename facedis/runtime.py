@@ -24,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from facedis.config import ConfigError, TrainConfig
+from facedis.config import ConfigError, RunConfig, TrainConfig
 from facedis.distributed import convert_sync_batchnorm
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -104,7 +104,7 @@ class Runtime:
     all optimisers (a discriminator overflow would shrink the VAE's) and no fp16 autocast on CPU.
     """
 
-    def __init__(self, train: TrainConfig):
+    def __init__(self, train: TrainConfig, run: Optional[RunConfig] = None):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
@@ -117,9 +117,12 @@ class Runtime:
             # Accelerate's state is process-wide: an earlier run in this process (a notebook, an
             # in-process sweep, the tests) may have used another precision; the process group stays
             AcceleratorState._reset_state(reset_partial_state=False)
+        trackers = self._trackers(run)
         self.accelerator = Accelerator(
-            cpu=cpu, mixed_precision=accelerate_precision,
+            cpu=cpu, mixed_precision=accelerate_precision, log_with=trackers or None,
+            project_dir=str(run.resolved_dir()) if run is not None else None,
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        self._tracking = False
         acc = self.accelerator
         self.device = acc.device
         self.world, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
@@ -135,6 +138,56 @@ class Runtime:
         self._scalers: dict[int, Any] = {}
         self.signal_received = 0  # set by the signal handler of this process
         self._old_handlers: dict = {}
+
+    # ------------------------------------------------------------------ experiment trackers
+    def _trackers(self, run: Optional[RunConfig]) -> list:
+        """Accelerate trackers: TensorBoard in ``<run dir>/tb`` (``run.tensorboard``) and those of
+        ``run.log_with``; a requested tracker that is not installed is a config error."""
+        self.tensorboard = None
+        if run is None:
+            return []
+        out: list = []
+        if run.tensorboard:
+            from accelerate.tracking import TensorBoardTracker
+
+            self.tensorboard = TensorBoardTracker("tb", str(run.resolved_dir()))
+            out.append(self.tensorboard)
+        import importlib.util
+
+        for name in run.log_with:
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError(f"run.log_with asks for {name!r}, which is not installed: pip install {name}")
+            out.append(name)
+        return out
+
+    def start_trackers(self, config: dict, run_name: str, purge_step: Optional[int] = None) -> None:
+        """Start the trackers (once per run) with the flattened config as hyper-parameters;
+        ``purge_step`` drops TensorBoard events at and after that step (a resumed run)."""
+        if self._tracking or not self.accelerator.log_with:
+            return
+        if self.tensorboard is not None and purge_step is not None:
+            self.tensorboard.init_kwargs["purge_step"] = purge_step
+        self.accelerator.init_trackers("facedis", config=config, init_kwargs={
+            "wandb": {"name": run_name}, "mlflow": {"run_name": run_name}})
+        self._tracking = True
+
+    def log(self, values: dict, step: int) -> None:
+        if self._tracking:
+            self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float)) and v is not None},
+                                 step=step)
+
+    def log_figure(self, tag: str, figure, step: int) -> None:
+        """A matplotlib figure to TensorBoard (main process; other trackers get the scalars only)."""
+        if self._tracking and self.is_main and self.tensorboard is not None:
+            self.tensorboard.writer.add_figure(tag, figure, step)
+
+    def end_trackers(self) -> None:
+        """Flush and close the trackers (``accelerator.end_training`` would also end the process group)."""
+        if self._tracking:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []
+            self._tracking = False
 
     # ------------------------------------------------------------------ processes
     def print(self, *args) -> None:

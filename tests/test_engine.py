@@ -35,6 +35,10 @@ def test_train_writes_run_directory_and_reports(tiny_config):
     assert prov["world_size"] == 1 and len(prov["dataset"]["content_hash"]) == 64 and "torch" in prov["versions"]
     assert prov["pretrained_disc"]["content_hash"] == prov["dataset"]["content_hash"]
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    from matplotlib.image import imread
+
+    curves = imread(run / "curves.png")
+    assert curves.shape[0] > 300 and curves.shape[1] > 3 * curves.shape[0]  # three panels side by side
     assert load_config(run / "config.yaml").train.epochs == 2
     # model.pt: plain data only
     m = torch.load(run / "model.pt", weights_only=True)
