@@ -18,11 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
 def _prepare(out: Path, subjects: int, per_subject: int, vertices: int) -> None:
-    from data_prep import synth
+    from facedis.prep import synth
 
     opts = synth.default_options(subjects=subjects, per_subject=per_subject, region="face", vertices=vertices)
     synth.write(synth.generate(**opts), out)

@@ -3,7 +3,7 @@
 Generates ``--meshes`` FLAME-topology (5,023 v / 9,976 f) binary little-endian PLY frames in the
 CoMA layout (``FaceTalk_*/<seq>/<seq>.NNNNNN.ply``; FLAME-open basis from ../shared when present,
 else a random 5,023-vertex mesh with the same file size), then times
-``data_prep.coma.prepare`` (two streaming passes: levels, then shards) end to end.
+``facedis.prep.coma.prepare`` (two streaming passes: levels, then shards) end to end.
 
     python benchmarks/prepare.py --meshes 2000 --workers 2
 Target: >= 500 meshes/s on 2 cores.
@@ -15,17 +15,14 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_prep import coma  # noqa: E402
-from data_prep.meshio import read_ply, write_ply  # noqa: E402
+from facedis.prep import coma
+from facedis.prep.meshio import read_ply, write_ply
 
 FLAME = Path(__file__).resolve().parents[2] / "shared" / "data" / "flame2023_open" / "basis.npz"
 

@@ -63,8 +63,9 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_has_bf16() -> bool:
-    f = cpu_flags()
-    return bool({"avx512_bf16", "amx_bf16"} & f)
+    from facedis.runtime import cpu_bf16_matmul
+
+    return cpu_bf16_matmul()
 
 
 def cpu_model() -> str:

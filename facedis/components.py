@@ -122,14 +122,14 @@ def ensure_prepared(cfg: Config, rt: Runtime) -> None:
         return
     if not cfg.data.prepare:
         raise ConfigError(f"data.root={str(root)!r} is not a prepared data set (no meta.json) and "
-                          "data.prepare is empty; run `python data_prep/prepare.py ... --out "
+                          "data.prepare is empty; run `facedis prepare ... --out "
                           f"{root}` first or set data.prepare")
     if rt.is_main:
         root.parent.mkdir(parents=True, exist_ok=True)
         with open(root.parent / f".{root.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (root / "meta.json").is_file():
-                cmd = [sys.executable, "-m", "data_prep.prepare", *cfg.data.prepare, "--out", str(root)]
+                cmd = [sys.executable, "-m", "facedis.prep.prepare", *cfg.data.prepare, "--out", str(root)]
                 print(f"[facedis] preparing the data set: {' '.join(cmd)}", flush=True)
                 t = time.time()
                 res = subprocess.run(cmd)

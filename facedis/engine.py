@@ -48,6 +48,7 @@ from facedis.config import Config, ConfigError, apply_overrides, config_to_dict,
 from facedis.data import DevicePrefetcher, FaceDataset, PairDataset, SlotLoader
 from facedis.distributed import GlobalBatchSampler, mix_seed, param_checksum, param_sha256, shard_indices
 from facedis.evaluation import error_map_figure, eval_line, evaluate, summary
+from facedis.inference import raw_units_of_meta
 from facedis.loop import (
     LoopState,
     LossMeter,
@@ -462,8 +463,8 @@ def log_epoch(rt: Runtime, rec: dict, data, per_vertex: Optional[np.ndarray], im
 
 
 def next_steps(run_dir: Path) -> str:
-    return (f"\n  next: python -m facedis.apps figures --run {run_dir} --out {run_dir / 'figures'}"
-            f"\n        python facedis/train.py --eval-only {run_dir}")
+    return (f"\n  next: facedis apps figures --run {run_dir} --out {run_dir / 'figures'}   (pictures of what it learnt)"
+            f"\n        facedis train --eval-only {run_dir}   (re-evaluate; --data.root=... for another data set)")
 
 
 def model_payload(cfg: Config, data, vae: torch.nn.Module) -> dict:
@@ -478,6 +479,7 @@ def model_payload(cfg: Config, data, vae: torch.nn.Module) -> dict:
         "template": torch.as_tensor(np.asarray(info.template), dtype=torch.float32),
         "triangles": torch.as_tensor(np.asarray(info.triangles), dtype=torch.int64),
         "mm_per_unit": data.mm_per_unit,
+        "raw_units": raw_units_of_meta(info.meta),
         "dataset": cfg.dataset,
         "content_hash": info.content_hash,
         "mode": cfg.mode,

@@ -13,8 +13,13 @@ vertex count (and, for mesh files with faces, its triangles): the model works on
 meshes in dense correspondence. Outputs are numpy float32 arrays (V, 3) for one input or
 (B, V, 3) for a batch.
 
-Units: the data set's stored units by default (mm = stored × ``mm_per_unit``);
-``units="mm"`` (at ``load`` or per call) converts inputs from and outputs to millimetres.
+Units: ``units="auto"`` (the default) reads inputs and writes outputs in the units of the raw
+files the model's data set was prepared from (CoMA and synth: metres; BU-3DFE and FaceScape:
+millimetres; custom: its ``--input-units``), found in the data set's ``meta.json``
+(:func:`raw_units_of_meta`). ``units="stored"|"mm"|"cm"|"m"`` (at ``load`` or per call) chooses
+explicitly (mm = stored × ``mm_per_unit``). An input whose size is far from the training faces'
+(factor > :data:`SCALE_WARN_FACTOR`) gets a :class:`UnitsWarning` naming the units it most
+likely is in.
 
 Alignment: ``align=True`` rigidly aligns each input to the training template (Kabsch,
 rotation + translation, no scale) before encoding; outputs then stay in the template's frame.
@@ -27,7 +32,9 @@ Codes are the posterior means μ (docs/method.md#latent-codes), the model runs i
 """
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -37,13 +44,98 @@ import torch
 from facedis.model import DisentanglingVAE
 
 ArrayLike = Union[np.ndarray, torch.Tensor, str, os.PathLike, Sequence]
-UNITS = ("stored", "mm")
+UNITS = ("auto", "stored", "mm", "cm", "m")
+#: millimetres per unit of each physical unit
+UNIT_MM = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
+UNIT_NAMES = {"mm": "millimetres", "cm": "centimetres", "m": "metres", "stored": "the data set's stored units"}
+#: units of the raw files of each data source (facedis/prep/<source>.py) when meta.json does not say
+RAW_UNITS_BY_DATASET = {"coma": "m", "synth": "m", "bu3dfe": "mm", "facescape": "mm"}
+#: an input whose RMS radius differs from the mean face's by more than this factor is warned about
+SCALE_WARN_FACTOR = 2.5
 PARTS = ("identity", "expression", "both")
 MESH_SUFFIXES = (".ply", ".obj", ".off", ".stl")
 
 
 class MeshMismatchError(ValueError):
     """An input does not match the training template (vertex count, topology or shape)."""
+
+
+class UnitsWarning(UserWarning):
+    """An input's size is far from the training faces': it is probably in other units."""
+
+
+def raw_units_of_meta(meta: dict) -> Optional[str]:
+    """Units (``mm``, ``cm`` or ``m``) of the raw mesh files a data set was prepared from, read
+    off its ``meta.json``: ``units.raw_units`` if recorded, else the custom importer's
+    ``options.input_units``, else by ``dataset`` (CoMA and synth: metres; BU-3DFE, FaceScape:
+    millimetres). None when unknown."""
+    if not isinstance(meta, dict):
+        return None
+    u = meta.get("units") if isinstance(meta.get("units"), dict) else {}
+    opts = meta.get("options") if isinstance(meta.get("options"), dict) else {}
+    for cand in (u.get("raw_units"), u.get("raw"), opts.get("input_units")):
+        if cand in UNIT_MM:
+            return str(cand)
+    return RAW_UNITS_BY_DATASET.get(str(meta.get("dataset", "")).lower())
+
+
+def find_data_root(run_or_checkpoint, ckpt_meta: Optional[dict] = None) -> Optional[Path]:
+    """The data set a run was trained on: the checkpoint's ``data_root``, else ``data.root`` of its
+    ``config``, else of the run's ``config.yaml`` (each tried as given, i.e. relative to the
+    working directory, then relative to the run's parent folders). None if none has a meta.json."""
+    cands = []
+    ckpt_meta = ckpt_meta or {}
+    for k in ("data_root", "dataset_root"):
+        if ckpt_meta.get(k):
+            cands.append(str(ckpt_meta[k]))
+    cfg_meta = ckpt_meta.get("config")
+    if isinstance(cfg_meta, dict) and isinstance(cfg_meta.get("data"), dict) and cfg_meta["data"].get("root"):
+        cands.append(str(cfg_meta["data"]["root"]))
+    run_dir = Path(run_or_checkpoint)
+    if run_dir.is_file():
+        run_dir = run_dir.parent
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(cfg.read_text()) or {}
+        except yaml.YAMLError:
+            data = {}
+        r = (data.get("data") or {}).get("root") if isinstance(data, dict) else None
+        if r:
+            cands.append(str(r))
+    for c in cands:
+        p = Path(c)
+        tries = [p] if p.is_absolute() else [p, *[(q / p) for q in run_dir.resolve().parents]]
+        for t in tries:
+            if (t / "meta.json").is_file():
+                return t
+    return None
+
+
+def _resolve_raw_units(ckpt: dict, ckpt_path: Path) -> tuple[Optional[str], str]:
+    """(raw units or None, where they came from) for a checkpoint."""
+    import json
+
+    if ckpt.get("raw_units") in UNIT_MM:
+        return str(ckpt["raw_units"]), "model.pt raw_units"
+    root = find_data_root(ckpt_path, ckpt)
+    if root is not None:
+        try:
+            meta = json.loads((root / "meta.json").read_text())
+        except (OSError, ValueError):
+            meta = None
+        raw = raw_units_of_meta(meta)
+        if raw is not None:
+            return raw, f"{root / 'meta.json'}"
+    name = ckpt.get("dataset")
+    if name is None and isinstance(ckpt.get("config"), dict):
+        name = ckpt["config"].get("dataset")
+    raw = RAW_UNITS_BY_DATASET.get(str(name).lower()) if name else None
+    if raw is not None:
+        return raw, f"dataset {name!r}"
+    return None, "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +173,11 @@ def infer_model_args(state: dict) -> dict:
 
 
 def _resolve_checkpoint(path) -> Path:
+    from facedis import pretrained
+
     p = Path(path)
+    if pretrained.is_name(path) and not p.exists():  # a model shipped with facedis, e.g. "synth-demo"
+        return pretrained.model_path(path)
     if p.is_dir():
         for name in ("model.pt", "final.pt"):
             if (p / name).is_file():
@@ -153,13 +249,14 @@ class FaceModel:
 
     Attributes: ``vae`` (``DisentanglingVAE`` in eval mode), ``mean_face`` (V,3) and
     ``template`` (V,3) in stored units, ``triangles`` (F,3), ``mm_per_unit``,
-    ``num_vertices``, ``id_dim``, ``exp_dim``, ``units`` (default for calls), ``align``
-    (default for calls), ``meta`` (everything else the checkpoint carried).
+    ``num_vertices``, ``id_dim``, ``exp_dim``, ``units`` (default for calls), ``raw_units``
+    (units of the training data's raw files, what ``auto`` means; None if unknown, then ``auto``
+    is ``stored``), ``align`` (default for calls), ``meta`` (everything else the checkpoint carried).
     """
 
     def __init__(self, vae: DisentanglingVAE, mean_face, triangles, mm_per_unit: float = 1.0, template=None,
-                 units: str = "stored", align: bool = False, device="cpu", meta: Optional[dict] = None,
-                 batch_size: int = 256):
+                 units: str = "auto", align: bool = False, device="cpu", meta: Optional[dict] = None,
+                 batch_size: int = 256, raw_units: Optional[str] = None):
         self.device = torch.device(device)
         self.vae = vae.to(self.device).eval()
         self.mean_face = _to_np(mean_face, np.float32)
@@ -169,10 +266,14 @@ class FaceModel:
         self.num_vertices = int(self.mean_face.shape[0])
         self.id_dim, self.exp_dim = int(vae.id_dim), int(vae.exp_dim)
         self.units = self._check_units(units)
+        if raw_units is not None and raw_units not in UNIT_MM:
+            raise ValueError(f"raw_units={raw_units!r}; valid choices: {tuple(UNIT_MM)} or None")
+        self.raw_units = raw_units
         self.align = bool(align)
         self.meta = dict(meta or {})
         self.batch_size = int(batch_size)
         self._mean_t = torch.as_tensor(self.mean_face, device=self.device)
+        self._mean_rms = _rms_radius(self.mean_face[None].astype(np.float64))[0]
         if vae.num_vertices != self.num_vertices:
             raise MeshMismatchError(f"model decodes {vae.num_vertices} vertices but the mean face has {self.num_vertices}")
         if self.triangles.size and (self.triangles.min() < 0 or self.triangles.max() >= self.num_vertices):
@@ -180,7 +281,7 @@ class FaceModel:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", units: str = "stored", align: bool = False) -> "FaceModel":
+    def from_checkpoint(cls, path, device="cpu", units: str = "auto", align: bool = False) -> "FaceModel":
         ckpt_path = _resolve_checkpoint(path)
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict):
@@ -217,8 +318,10 @@ class FaceModel:
         skip = {"vae", "model", "state_dict", "vae_state_dict", "mean_face", "triangles", "faces", "template"}
         meta = {k: v for k, v in ckpt.items() if k not in skip}
         meta["checkpoint"] = str(ckpt_path)
+        raw_units, meta["raw_units_from"] = _resolve_raw_units(ckpt, ckpt_path)
         return cls(vae, mean_face, triangles, mm_per_unit=1.0 if mm is None else float(mm),
-                   template=_first(ckpt, "template"), units=units, align=align, device=device, meta=meta)
+                   template=_first(ckpt, "template"), units=units, align=align, device=device, meta=meta,
+                   raw_units=raw_units)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -227,10 +330,67 @@ class FaceModel:
             raise ValueError(f"units={units!r}; valid choices: {UNITS}")
         return units
 
+    def resolve_units(self, units: Optional[str] = None) -> str:
+        """The concrete units (``stored``, ``mm``, ``cm`` or ``m``) a call with ``units`` uses:
+        None -> the model's default; ``auto`` -> the raw files' units (``stored`` if unknown)."""
+        u = self._check_units(units or self.units)
+        if u == "auto":
+            u = self.raw_units or "stored"
+        return u
+
+    def _factor(self, unit: str) -> float:
+        """Factor from concrete ``unit`` to stored units."""
+        return 1.0 if unit == "stored" else UNIT_MM[unit] / self.mm_per_unit
+
     def _scale(self, units: Optional[str]) -> float:
         """Factor from the caller's units to stored units."""
-        u = self._check_units(units or self.units)
-        return 1.0 / self.mm_per_unit if u == "mm" else 1.0
+        return self._factor(self.resolve_units(units))
+
+    def to_stored(self, vertices, units: Optional[str] = None) -> np.ndarray:
+        """Vertices in ``units`` (default: the model's) -> stored units (float32)."""
+        return (_to_np(vertices) * self._scale(units)).astype(np.float32)
+
+    def from_stored(self, vertices, units: Optional[str] = None) -> np.ndarray:
+        """Stored-unit vertices -> ``units`` (default: the model's, e.g. the raw files' units) (float32)."""
+        return (_to_np(vertices) / self._scale(units)).astype(np.float32)
+
+    def likely_units(self, vertices) -> tuple[str, float]:
+        """(units among mm, cm, m, stored that bring the faces' RMS radius closest to the mean
+        face's, the size ratio to the mean face if read in those units); vertices (V,3)/(B,V,3)."""
+        rms = float(np.median(_rms_radius(_to_np(vertices).reshape(-1, self.num_vertices, 3))))
+        best, best_err, best_ratio = "stored", math.inf, 1.0
+        for u in ("mm", "cm", "m", "stored"):  # a physical unit wins a tie with "stored"
+            ratio = rms * self._factor(u) / self._mean_rms
+            err = abs(math.log(max(ratio, 1e-30)))
+            if err < best_err - 1e-2:
+                best, best_err, best_ratio = u, err, ratio
+        return best, best_ratio
+
+    def check_scale(self, stored: np.ndarray, unit: str, source: str = "input") -> Optional[str]:
+        """Warn (:class:`UnitsWarning`) when faces (B,V,3) already converted from ``unit`` to stored
+        units are far from the training faces' size (RMS radius about the centroid; factor >
+        :data:`SCALE_WARN_FACTOR`), naming the units they are most likely in. Returns the message."""
+        ratios = _rms_radius(np.asarray(stored, np.float64)) / self._mean_rms
+        bad = np.flatnonzero((ratios > SCALE_WARN_FACTOR) | (ratios < 1.0 / SCALE_WARN_FACTOR))
+        if not bad.size:
+            return None
+        k = int(bad[0])
+        ratio = float(ratios[k])
+        raw = np.asarray(stored[k], np.float64) / self._factor(unit)
+        likely, likely_ratio = self.likely_units(raw)
+        where = source if len(ratios) == 1 else f"{source} (face {k}; {bad.size} of {len(ratios)} faces)"
+        msg = (f"{where}: read as {UNIT_NAMES[unit]} ({unit}), the face is {_fmt_ratio(ratio)}× the size of the training "
+               f"faces (RMS radius {ratio * self._mean_rms / self._factor(unit):.4g} {unit}, expected about "
+               f"{self._mean_rms / self._factor(unit):.4g} {unit}); ")
+        if likely != unit and abs(math.log(likely_ratio)) < math.log(SCALE_WARN_FACTOR):
+            msg += (f"it looks like it is in {UNIT_NAMES[likely]}: pass units={likely!r} "
+                    f"(--units {likely}) if so")
+        else:
+            msg += "no unit (mm, cm, m, stored) brings it to the training scale; check the mesh"
+        if self.raw_units is None and unit == "stored":
+            msg += " (the units of this model's training files are unknown, so inputs default to stored units)"
+        warnings.warn(msg, UnitsWarning, stacklevel=4)
+        return msg
 
     def _check_topology(self, faces: Optional[np.ndarray], source: str) -> None:
         if faces is None:
@@ -270,7 +430,9 @@ class FaceModel:
                                     f"{self.num_vertices}-vertex template (inputs must be registered to it)")
         if not np.isfinite(batch).all():
             raise ValueError(f"{src}: vertices contain NaN or inf")
-        batch = batch * self._scale(units)
+        unit = self.resolve_units(units)
+        batch = batch * self._factor(unit)
+        self.check_scale(batch, unit, src)
         if self.align if align is None else align:
             batch = self.align_to_template(batch)
         return batch.astype(np.float32), single
@@ -421,13 +583,27 @@ class FaceModel:
 
     def __repr__(self) -> str:
         return (f"FaceModel(V={self.num_vertices}, F={len(self.triangles)}, d_id={self.id_dim}, d_exp={self.exp_dim}, "
-                f"mm_per_unit={self.mm_per_unit:g}, units={self.units!r}, align={self.align})")
+                f"mm_per_unit={self.mm_per_unit:g}, units={self.units!r}, raw_units={self.raw_units!r}, "
+                f"align={self.align})")
 
 
-def load(run_dir_or_checkpoint, device="cpu", units: str = "stored", align: bool = False) -> FaceModel:
-    """Load a trained model: a run directory (its ``model.pt``) or a checkpoint file.
+def _fmt_ratio(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}" if x >= 1 else f"{x:.2g}"
 
-    device: where the VAE runs; units: default units of inputs/outputs (``stored`` or ``mm``);
-    align: default for Kabsch-aligning inputs to the template. Uses ``torch.load(weights_only=True)``.
+
+def _rms_radius(v: np.ndarray) -> np.ndarray:
+    """RMS distance of the vertices to their centroid, per face of (B, V, 3) -> (B,)."""
+    v = np.asarray(v, np.float64)
+    return np.sqrt(((v - v.mean(axis=1, keepdims=True)) ** 2).sum(-1).mean(-1))
+
+
+def load(run_dir_or_checkpoint, device="cpu", units: str = "auto", align: bool = False) -> FaceModel:
+    """Load a trained model: a run directory (its ``model.pt``), a checkpoint file, or the name of
+    a model shipped with facedis (``facedis.pretrained``, e.g. ``"synth-demo"``).
+
+    device: where the VAE runs; units: default units of inputs/outputs: ``auto`` (the units of
+    the raw files of the model's data set, e.g. metres for CoMA; ``model.raw_units``),
+    ``stored``, ``mm``, ``cm`` or ``m``; align: default for Kabsch-aligning inputs to the
+    template. Uses ``torch.load(weights_only=True)``.
     """
     return FaceModel.from_checkpoint(run_dir_or_checkpoint, device=device, units=units, align=align)

@@ -62,6 +62,19 @@ def cpu_threads(requested: int, environ=os.environ) -> Optional[int]:
     return max(1, cores // max(per_node, 1))
 
 
+def cpu_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo).
+    Without it, bf16 autocast on CPU emulates the products and is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
 # ---------------------------------------------------------------------------------------------
 # seeds and random-number state
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +144,9 @@ class Runtime:
             raise ConfigError("train.precision=bf16 but this GPU does not support bfloat16; use fp16 or no")
         if note:
             self.print(note)
+        if self.precision == "bf16" and self.device.type == "cpu" and not cpu_bf16_matmul():
+            self.print("[facedis] warning: train.precision=bf16 on a CPU without bf16 matrix units (no avx512_bf16 / "
+                       "amx_bf16): bf16 is emulated and slower than fp32 here; use train.precision=no")
         if self.device.type == "cpu":
             threads = cpu_threads(train.cpu_threads)
             if threads is not None and threads != torch.get_num_threads():

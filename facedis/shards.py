@@ -230,7 +230,7 @@ def read_meta(root: str | os.PathLike) -> dict:
     root = Path(root)
     path = root / "meta.json"
     if not root.is_dir():
-        raise DatasetError(f"{root}: data set directory does not exist (prepare it with data_prep/prepare.py)")
+        raise DatasetError(f"{root}: data set directory does not exist (prepare it with facedis prepare)")
     if not path.is_file():
         tmp = sorted(root.parent.glob(f".{root.name}.tmp-*"))
         hint = f" (found an unfinished preparation {tmp[0]})" if tmp else ""

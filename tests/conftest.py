@@ -44,7 +44,7 @@ different-identity test pairs), 300 vertices."""
 @pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory):
     """A prepared tiny synthetic data set, made once per test session."""
-    from data_prep import synth
+    from facedis.prep import synth
 
     root = tmp_path_factory.mktemp("engine-data") / "tiny"
     synth.write(synth.generate(**synth.default_options(**TINY_SYNTH)), root)

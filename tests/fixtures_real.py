@@ -11,7 +11,7 @@ it is present beside the repository.
   asymmetric sequences.
 - ``make_bu3dfe``: ``[FM]NNNN_XXLLRR_F3D.wrl`` VRML files with known random rigid poses.
 - ``make_facescape``: ``<id>/models_reg/<k>_<name>.obj`` trees on the ICT narrow-face topology.
-- ``make_custom``: a folder of OBJ/PLY meshes plus ``index.csv``.
+- ``make_custom``: a folder of OBJ/PLY meshes plus ``labels.csv``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.meshio import write_obj, write_ply, write_wrl
+from facedis.prep.meshio import write_obj, write_ply, write_wrl
 
 REPO = Path(__file__).resolve().parents[1]
 ICT = REPO / "facedis" / "assets" / "ict_facekit_basis.npz"
@@ -219,8 +219,8 @@ def make_facescape(root: Path, *, face: dict, ids=(3, 5, 7, 122, 212, 603), name
 
 
 def make_custom(root: Path, *, face: dict, subjects=("alice", "bob", "carol", "dave"), frames: int = 10,
-                expressions=("smile", "frown"), seed: int = 0, fmt=("obj", "ply")) -> dict:
-    """A folder of registered meshes (metres; OBJ and PLY mixed) plus ``index.csv``."""
+                expressions=("smile", "frown"), seed: int = 0, fmt=("obj", "ply"), csv_name: str = "labels.csv") -> dict:
+    """A folder of registered meshes (metres; OBJ and PLY mixed) plus ``labels.csv`` (``csv_name``)."""
     rng = np.random.default_rng(seed)
     T = face["template"]
     V = len(T)
@@ -240,7 +240,7 @@ def make_custom(root: Path, *, face: dict, subjects=("alice", "bob", "carol", "d
                 (write_obj if ext == "obj" else write_ply)(root / rel, v, face["triangles"])
                 rows.append((rel, s, e, f"{lev:.4f}", "1" if t == 0 else "0"))
                 truth[rel] = v
-    with open(root / "index.csv", "w", newline="") as f:
+    with open(root / csv_name, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "subject", "expression", "level", "is_neutral"])
         w.writerows(rows)

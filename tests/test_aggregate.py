@@ -1,4 +1,4 @@
-"""launch/aggregate.py on run directories laid out as the engine writes them, and the paper's numbers."""
+"""facedis/cluster/aggregate.py (launch/aggregate.py) on run directories laid out as the engine writes them, and the paper's numbers."""
 
 import csv
 import json
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from facedis import paper_numbers
-from launch import aggregate as agg
+from facedis.cluster import aggregate as agg
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = agg.METRIC_KEYS

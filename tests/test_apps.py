@@ -12,6 +12,13 @@ import pytest
 from test_inference import REPO  # the trained-run fixtures live in conftest.py
 
 
+@pytest.fixture(scope="module")
+def model(tiny_run):
+    """The tiny model in stored units (the tests feed it split samples)."""
+    from facedis.inference import load
+
+    return load(tiny_run["run"], units="stored")
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +180,7 @@ def test_cli_transfer_neutralise_interpolate_recognise(tiny_run, model, test_spl
     run = str(tiny_run["run"])
     src = model.save_mesh(tmp_path / "src.ply", test_split.vertices[5])
     tgt = model.save_mesh(tmp_path / "tgt.obj", test_split.vertices[70])
-    assert main(["transfer", "--run", run, "--source", str(src), "--target", str(tgt), "--out",
+    assert main(["transfer", "--run", run, "--source", str(src), "--target", str(tgt), "--units", "stored", "--out",
                  str(tmp_path / "t.ply")]) == 0
     from facedis.inference import read_mesh
 
@@ -185,15 +192,42 @@ def test_cli_transfer_neutralise_interpolate_recognise(tiny_run, model, test_spl
                  "--out", str(tmp_path / "t_mm.obj")]) == 0
     v_mm, _ = read_mesh(tmp_path / "t_mm.obj")
     np.testing.assert_allclose(v_mm, v * model.mm_per_unit, rtol=1e-4, atol=1e-3)
-    assert main(["neutralise", "--run", run, str(src), "data:test:9", "--expression", "--out", str(tmp_path / "n")]) == 0
+    assert main(["neutralise", "--run", run, str(src), "data:test:9", "--expression", "--units", "stored",
+                 "--out", str(tmp_path / "n")]) == 0
     v, _ = read_mesh(tmp_path / "n" / "src_neutral.ply")
     np.testing.assert_allclose(v, model.neutral(test_split.vertices[5]), atol=1e-5)
     assert (tmp_path / "n" / "data_test_9_expression.ply").is_file()
     assert main(["interpolate", "--run", run, "--a", str(src), "--b", str(tgt), "--steps", "4", "--part", "expression",
-                 "--out", str(tmp_path / "i")]) == 0
+                 "--units", "stored", "--out", str(tmp_path / "i")]) == 0
     assert len(list((tmp_path / "i").glob("expression_*.ply"))) == 4 and (tmp_path / "i" / "expression_strip.png").is_file()
     assert main(["recognise", "--run", run, "--out", str(tmp_path / "rec.json")]) == 0
     rec = json.loads((tmp_path / "rec.json").read_text())
     assert rec["rank1_latent_cosine"] > rec["chance_rank1"]
     with pytest.raises(SystemExit):
         main(["transfer", "--run", run, "--source", "data:test:99999", "--target", str(tgt), "--out", str(tmp_path / "x.ply")])
+
+
+def test_cli_default_units_are_the_raw_files(tiny_run, model, test_split, tmp_path, capsys):
+    """synth's raw units are metres: by default the CLI reads metre meshes and data:SPLIT:INDEX
+    samples and writes metres."""
+    from facedis.apps.__main__ import main
+    from facedis.inference import read_mesh
+
+    run = str(tiny_run["run"])
+    to_m = model.mm_per_unit / 1000.0
+    src = model.save_mesh(tmp_path / "src.ply", test_split.vertices[5] * to_m)
+    tgt = model.save_mesh(tmp_path / "tgt.ply", test_split.vertices[70] * to_m)
+    capsys.readouterr()
+    assert main(["transfer", "--run", run, "--source", str(src), "--target", str(tgt), "--out", str(tmp_path / "t.ply")]) == 0
+    out = capsys.readouterr()
+    assert "warning" not in out.err and json.loads(out.out)["units"] == "m"
+    expected = model.transfer(test_split.vertices[5], test_split.vertices[70]) * to_m
+    np.testing.assert_allclose(read_mesh(tmp_path / "t.ply")[0], expected, rtol=1e-4, atol=1e-6)
+    assert main(["transfer", "--run", run, "--source", "data:test:5", "--target", "data:test:70",
+                 "--out", str(tmp_path / "d.ply")]) == 0
+    np.testing.assert_allclose(read_mesh(tmp_path / "d.ply")[0], expected, rtol=1e-4, atol=1e-6)
+    # the stored-unit mesh given to the default (metres) is warned about on stderr
+    stored = model.save_mesh(tmp_path / "stored.ply", test_split.vertices[70])
+    assert main(["neutralise", "--run", run, str(stored), "--out", str(tmp_path / "n")]) == 0
+    err = capsys.readouterr().err
+    assert "facedis: warning: " in err and "stored.ply" in err and "pass units='stored'" in err, err

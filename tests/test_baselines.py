@@ -4,7 +4,6 @@ ridge against a closed-form ``np.linalg.solve``), plus the run-directory files a
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import h5py
@@ -13,12 +12,11 @@ import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from facedis import baselines as B
+from facedis.config import ConfigError, load_config
+from facedis.shards import read_arrays, read_meta
 
-from facedis import baselines as B  # noqa: E402
-from facedis.config import ConfigError, load_config  # noqa: E402
-from facedis.shards import read_arrays, read_meta  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MM = 260.0
 ALPHAS = [1e-6, 1e-3, 1.0, 1e3]
@@ -28,7 +26,7 @@ ALPHAS = [1e-6, 1e-3, 1.0, 1e3]
 # fixtures
 # ---------------------------------------------------------------------------------------------
 def _prepare(out: Path, protocol: str) -> Path:
-    from data_prep import prepare
+    from facedis.prep import prepare
 
     rc = prepare.main(["synth", "--subjects", "6", "--per-subject", "10", "--vertices", "120", "--seed", "0",
                        "--protocol", protocol, "--out", str(out)])
@@ -198,7 +196,7 @@ def test_supervised_trains_and_metrics_match_its_weights(data, tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", B.BASELINE_KINDS)
 def test_run_dir_like_the_engine_and_aggregated(data, tmp_path, kind):
-    from launch import aggregate
+    from facedis.cluster import aggregate
 
     grid = tmp_path / "grid"
     run_dir = grid / f"unseen-{kind}" / "seed0"
@@ -240,8 +238,8 @@ def test_engine_dispatches_baselines(data, tmp_path):
 
 
 def test_synth_results_grid():
-    from launch.grids import resolve_grid
-    from launch.submit import plan_runs
+    from facedis.cluster.grids import resolve_grid
+    from facedis.cluster.submit import plan_runs
 
     name, entries = resolve_grid("synth-results")
     assert name == "synth-results" and len(entries) == 16

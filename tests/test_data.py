@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from data_prep import synth
+from facedis.prep import synth
 from facedis.data import FaceDataset, PairDataset, collate_batch, load_info, make_train_loader
 
 

@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fixtures_real as fx  # noqa: E402
-from data_prep import bu3dfe, coma, common, custom, facescape, meshio  # noqa: E402
+from facedis.prep import bu3dfe, coma, common, custom, facescape, meshio  # noqa: E402
 from facedis.shards import check_dataset, read_arrays, read_meta  # noqa: E402
 
 
@@ -413,7 +413,7 @@ FS_ARGS = ["--num-vertices", "0", "--target-faces", "2000", "--workers", "2"]
 
 
 def test_facescape_decimation_split_outliers(fs_raw, tmp_path):
-    from data_prep import mesh_ops
+    from facedis.prep import mesh_ops
 
     raw, truth, face = fs_raw
     out = run(facescape, ["--raw", raw, "--out", tmp_path / "o", *FS_ARGS])
@@ -507,17 +507,35 @@ def test_custom_protocols(custom_raw, tmp_path):
         check_dataset(p)
 
 
+def test_custom_csv_name(custom_raw, tmp_path):
+    """``labels.csv`` is the documented name; ``index.csv`` (the earlier name) is still found."""
+    import shutil
+
+    raw, _, _ = custom_raw
+    assert custom._find_csv(raw, None) == raw / "labels.csv"
+    old = tmp_path / "old"
+    shutil.copytree(raw, old)
+    (old / "labels.csv").rename(old / "index.csv")
+    (old / "notes.csv").write_text("not the labels\n")
+    assert custom._find_csv(old, None) == old / "index.csv"
+    (old / "index.csv").unlink()
+    assert custom._find_csv(old, None) == old / "notes.csv"  # the only *.csv
+    (old / "more.csv").write_text("")
+    with pytest.raises(FileNotFoundError, match="no labels.csv"):
+        custom._find_csv(old, None)
+
+
 def test_custom_bad_csv_and_mesh(custom_raw, tmp_path):
     import shutil
 
     raw, truth, face = custom_raw
     raw2 = tmp_path / "raw"
     shutil.copytree(raw, raw2)
-    text = (raw2 / "index.csv").read_text().splitlines()
-    (raw2 / "index.csv").write_text("\n".join(text[:3] + [text[3].replace(",0.", ",7.")] + text[4:]) + "\n")
-    with pytest.raises(ValueError, match=r"index.csv:4: level"):
+    text = (raw2 / "labels.csv").read_text().splitlines()
+    (raw2 / "labels.csv").write_text("\n".join(text[:3] + [text[3].replace(",0.", ",7.")] + text[4:]) + "\n")
+    with pytest.raises(ValueError, match=r"labels.csv:4: level"):
         run(custom, ["--raw", raw2, "--out", tmp_path / "o"])
-    (raw2 / "index.csv").write_text("\n".join(text) + "\n")
+    (raw2 / "labels.csv").write_text("\n".join(text) + "\n")
     meshio.write_obj(raw2 / "bob" / "frown_004.obj", face["template"][:50], None)
     (raw2 / "bob" / "frown_004.ply").unlink(missing_ok=True)
     rel = [r.split(",")[0] for r in text[1:] if r.startswith("bob/frown_004")][0]

@@ -54,6 +54,14 @@ def build_tiny_run(base: Path) -> dict:
     return _RUN
 
 
+@pytest.fixture(scope="module")
+def model(tiny_run):
+    """The tiny model reading and writing the data set's stored units (the tests feed it split
+    samples); the default, ``units="auto"`` (the raw files' units), is tested below."""
+    from facedis.inference import load
+
+    return load(tiny_run["run"], units="stored")
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +75,7 @@ def test_checkpoint_is_weights_only_and_complete(tiny_run):
 def test_load_run_dir_and_file_agree(tiny_run, model, test_split):
     from facedis.inference import load
 
-    m2 = load(tiny_run["run"] / "model.pt")
+    m2 = load(tiny_run["run"] / "model.pt", units="stored")
     x = test_split.vertices[:3]
     for a, b in zip(model.encode(x), m2.encode(x)):
         np.testing.assert_array_equal(a, b)
@@ -158,7 +166,40 @@ def test_units_mm(model, test_split):
     m_mm = load(model.meta["checkpoint"], units="mm")
     np.testing.assert_allclose(m_mm.reconstruct(x * mm), model.reconstruct(x) * mm, rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match="units"):
-        model.encode(x, units="cm")
+        model.encode(x, units="inch")
+
+
+def test_units_auto_are_the_raw_files_units(tiny_run, model, test_split):
+    """synth is generated in metres (stored = metres / 0.26): by default a model reads and
+    writes metres; cm and m are explicit choices too."""
+    import warnings
+
+    from facedis.inference import UnitsWarning, load
+
+    m = load(tiny_run["run"])
+    assert m.units == "auto" and m.raw_units == "m" and m.resolve_units() == "m"
+    x = test_split.vertices[:2]
+    metres = x * model.mm_per_unit / 1000.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnitsWarning)  # right units: no warning
+        np.testing.assert_allclose(m.encode(metres)[0], model.encode(x)[0], atol=1e-4)
+        np.testing.assert_allclose(m.neutral(metres), model.neutral(x) * model.mm_per_unit / 1000.0, rtol=1e-4,
+                                   atol=1e-6)
+        np.testing.assert_allclose(model.reconstruct(metres * 100.0, units="cm"), model.reconstruct(x) * model.mm_per_unit / 10.0,
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(m.from_stored(x), metres, rtol=1e-6)
+        np.testing.assert_allclose(m.to_stored(metres), x, rtol=1e-5, atol=1e-6)
+    assert "raw_units='m'" in repr(m)
+    # stored units given to the metre model: 3.85× too large, warned about, naming stored units
+    with pytest.warns(UnitsWarning, match="stored units: pass units='stored'"):
+        m.encode(x[0])
+    # a FaceModel whose raw units are unknown falls back to stored units
+    from facedis.inference import FaceModel
+
+    bare = FaceModel(model.vae, model.mean_face, model.triangles, mm_per_unit=model.mm_per_unit)
+    assert bare.raw_units is None and bare.resolve_units() == "stored"
+    with pytest.warns(UnitsWarning, match="units of this model's training files are unknown"):
+        bare.encode(x[0] * 1000.0)
 
 
 def test_rigid_alignment(model, test_split):

@@ -1,4 +1,4 @@
-"""launch/: grids, planning, argument safety, and real tiny runs through the local/debug executors."""
+"""facedis/cluster/ (entry scripts launch/*.py): grids, planning, argument safety, and real tiny runs through the local/debug executors."""
 
 import json
 import os
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import grids, status, submit
-from launch.job import RunSpec, TrainJob
+from facedis.cluster import grids, status, submit
+from facedis.cluster.job import RunSpec, TrainJob
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -1,9 +1,9 @@
-"""data_prep/mesh_ops.py: crop, decimation with a vertex index map, mesh checks."""
+"""facedis/prep/mesh_ops.py: crop, decimation with a vertex index map, mesh checks."""
 import numpy as np
 import pytest
 
-from data_prep import mesh_ops
-from data_prep.synth import load_basis
+from facedis.prep import mesh_ops
+from facedis.prep.synth import load_basis
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,11 @@ def test_run_records_the_precision_accelerate_asked_for(tiny_config, monkeypatch
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == "bf16"
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["precision"] == "bf16" and prov["sessions"][-1]["precision"] == "bf16"
-    assert "precision bf16" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "precision bf16" in out
+    from facedis.runtime import cpu_bf16_matmul
+
+    assert ("bf16 is emulated and slower than fp32" in out) == (not cpu_bf16_matmul())
     # an explicit value wins, with one line saying so
     forced = tiny_config(**{"train.epochs": 1, "pretrain.enabled": False, "train.max_steps_per_epoch": 2,
                             "train.precision": "no", "run.dir": str(run) + "-fp32"})

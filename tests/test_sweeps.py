@@ -1,4 +1,4 @@
-"""Ray Tune sweeps (sweeps/): Pareto maths, search spaces, and one real killed-and-resumed ASHA sweep.
+"""Ray Tune sweeps (facedis/sweeps/, entry script sweeps/tune.py): Pareto maths, search spaces, and one real killed-and-resumed ASHA sweep.
 
 The sweep test runs ``python sweeps/tune.py --dataset synth --smoke-test`` (4 trials, ASHA, CPU,
 tiny synth data) in a subprocess, SIGKILLs it (driver, raylet, workers) once Tune has recorded a
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sweeps import pareto, spaces
+from facedis.sweeps import pareto, spaces
 
 REPO = Path(__file__).resolve().parent.parent
 TUNE_PY = REPO / "sweeps" / "tune.py"
@@ -144,7 +144,7 @@ def test_space_errors():
 
 
 def test_summarise_front_only_over_completed():
-    from sweeps.tune import summarise
+    from facedis.sweeps.tune import summarise
 
     def r(tid, d, e, done):
         return {"trial_id": tid, "status": "completed" if done else "stopped", "completed": done,
@@ -202,7 +202,7 @@ def _results(trial_dir: Path) -> list[dict]:
 def sweep(tmp_path_factory):
     pytest.importorskip("facedis.engine", reason="facedis.engine not written yet")
     out = tmp_path_factory.mktemp("sweep") / "smoke"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)  # facedis is installed: the Ray workers import facedis.sweeps.tune from it
     # --smoke-test keeps its data set and pretrained-D cache under $TMPDIR/facedis-smoke: a private
     # TMPDIR, so nothing an earlier session (or a concurrent one) left there is reused
     env["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
@@ -307,7 +307,7 @@ def test_best_config_loads_and_trains(sweep, tmp_path):
     from facedis import engine
     from facedis.config import load_config
 
-    from launch.grids import resolve_grid
+    from facedis.cluster.grids import resolve_grid
 
     best = sorted(sweep["out"].glob("best*.yaml"))
     assert len(best) == 1

@@ -1,4 +1,4 @@
-"""data_prep/synth.py + data_prep/prepare.py: determinism, splits, neutral GT, units, check, non-linearity."""
+"""facedis/prep/synth.py + data_prep/prepare.py (the entry script): determinism, splits, neutral GT, units, check, non-linearity."""
 import hashlib
 import json
 import shutil
@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data_prep import synth
+from facedis.prep import synth
 from facedis.shards import check_dataset, read_arrays, read_meta
 
 REPO = Path(__file__).resolve().parent.parent

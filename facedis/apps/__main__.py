@@ -10,14 +10,19 @@ RUN is a run directory (its ``model.pt``) or a checkpoint file. A face (S, T, A,
 mesh file (PLY/OBJ registered to the training template), a ``.npy`` array (V, 3), or
 ``data:SPLIT:INDEX`` for sample INDEX of a split of the run's data set (``--data`` overrides
 where that is). Output meshes are PLY or OBJ by suffix; every mesh also gets a PNG rendering.
-``--units mm`` reads and writes millimetres instead of the data set's stored units;
-``--align`` rigidly aligns inputs to the template first.
+Units: by default (``--units auto``) input meshes and ``.npy`` arrays are read, and outputs
+written, in the units of the raw files the model's data set was prepared from (CoMA: metres,
+BU-3DFE and FaceScape: millimetres, ...), so a raw scan goes in and a mesh in the same units
+comes out; ``--units stored|mm|cm|m`` chooses explicitly. An input far from the training
+faces' size gets a warning naming the units it is probably in. ``--align`` rigidly aligns
+inputs to the template first.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +35,7 @@ def _model(args):
 
 
 def _face(spec: str, model, args):
-    """A face spec -> array (stored units unless --units mm) or a mesh path (read by the model)."""
+    """A face spec -> array (in the model's call units) or a mesh path (read by the model)."""
     if spec.startswith("data:"):
         from facedis.apps.common import load_split, run_data_root
 
@@ -45,8 +50,7 @@ def _face(spec: str, model, args):
         data = load_split(root, split)
         if not 0 <= index < len(data):
             raise SystemExit(f"{spec}: index out of range (split {split} has {len(data)} samples)")
-        v = data.vertices[index]
-        return v * model.mm_per_unit if model.units == "mm" else v
+        return model.from_stored(data.vertices[index])
     p = Path(spec)
     if p.suffix.lower() == ".npy":
         return np.load(p)
@@ -68,7 +72,7 @@ def _write(model, path: Path, vertices) -> list[str]:
 def cmd_transfer(args) -> dict:
     m = _model(args)
     out = m.transfer(_face(args.source, m, args), _face(args.target, m, args))
-    return {"files": _write(m, Path(args.out), out)}
+    return {"files": _write(m, Path(args.out), out), "units": m.resolve_units()}
 
 
 def cmd_interpolate(args) -> dict:
@@ -86,7 +90,7 @@ def cmd_interpolate(args) -> dict:
     strip = out / f"{args.part}_strip.png"
     face_grid([[{"vertices": f, "title": f"t = {t:.2f}"} for f, t in zip(frames, np.linspace(0, 1, args.steps))]],
               m.triangles, path=strip, suptitle=f"{args.part} interpolation")
-    return {"files": files + [str(strip)]}
+    return {"files": files + [str(strip)], "units": m.resolve_units()}
 
 
 def cmd_neutralise(args) -> dict:
@@ -99,7 +103,7 @@ def cmd_neutralise(args) -> dict:
         files += _write(m, out / f"{stem}_neutral{args.format}", res["identity"])
         if args.expression:
             files += _write(m, out / f"{stem}_expression{args.format}", res["expression"])
-    return {"files": files}
+    return {"files": files, "units": m.resolve_units()}
 
 
 def cmd_recognise(args) -> dict:
@@ -135,9 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
-        sp.add_argument("--run", required=True, help="run directory or model.pt")
+        from facedis.pretrained import names
+
+        src = sp.add_mutually_exclusive_group(required=True)
+        src.add_argument("--run", help="run directory or model.pt")
+        src.add_argument("--model", choices=names(),
+                         help="a model shipped with facedis (its sample faces are the default --data)")
         sp.add_argument("--data", default=None, help="data set root (default: the run's data.root)")
-        sp.add_argument("--units", choices=("stored", "mm"), default="stored", help="units of input/output meshes")
+        sp.add_argument("--units", choices=("auto", "stored", "mm", "cm", "m"), default="auto",
+                        help="units of input/output meshes (auto: those of the training data's raw files)")
         sp.add_argument("--align", action="store_true", help="Kabsch-align inputs to the template")
         sp.add_argument("--device", default="cpu")
         return sp
@@ -179,9 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    res = args.func(args)
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"facedis: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def main(argv=None, prog: str = "python -m facedis.apps") -> int:
+    parser = build_parser()
+    parser.prog = prog
+    args = parser.parse_args(argv)
+    if args.model:  # a shipped model: its file, and its sample faces unless --data says otherwise
+        from facedis import pretrained
+
+        args.run = str(pretrained.model_path(args.model))
+        if args.data is None:
+            args.data = str(pretrained.samples_root(args.model))
+        if args.command == "figures" and args.out is None:  # not inside the installed package
+            args.out = f"figures-{args.model}"
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one plain line per warning (restored on exit)
+        res = args.func(args)
     print(json.dumps(res, indent=1, default=str))
     return 0
 

@@ -86,33 +86,10 @@ def load_split(root, split: str = "test", max_samples: Optional[int] = None) -> 
 def run_data_root(run_dir, model=None) -> Optional[Path]:
     """The data set a run was trained on: the checkpoint's ``data_root``, else ``data.root`` of
     the run's ``config.yaml`` (tried relative to the working directory, then to the run's parent
-    folders). None if it cannot be found."""
-    cands = []
-    if model is not None:
-        for k in ("data_root", "dataset_root"):
-            if model.meta.get(k):
-                cands.append(str(model.meta[k]))
-        cfg_meta = model.meta.get("config")
-        if isinstance(cfg_meta, dict) and isinstance(cfg_meta.get("data"), dict) and cfg_meta["data"].get("root"):
-            cands.append(str(cfg_meta["data"]["root"]))
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        run_dir = run_dir.parent
-    cfg = run_dir / "config.yaml"
-    if cfg.is_file():
-        import yaml
+    folders). None if it cannot be found (:func:`facedis.inference.find_data_root`)."""
+    from facedis.inference import find_data_root
 
-        data = yaml.safe_load(cfg.read_text()) or {}
-        r = (data.get("data") or {}).get("root")
-        if r:
-            cands.append(str(r))
-    for c in cands:
-        p = Path(c)
-        tries = [p] if p.is_absolute() else [p, *[(q / p) for q in run_dir.resolve().parents]]
-        for t in tries:
-            if (t / "meta.json").is_file():
-                return t
-    return None
+    return find_data_root(run_dir, model.meta if model is not None else None)
 
 
 def check_same_data(model, split: Split) -> None:

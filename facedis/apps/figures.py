@@ -154,14 +154,14 @@ def disentanglement_panels(model, split, path, by: Optional[str] = None, out_dir
             title = f"{k}: E_rec {s['e_full'].mean():.2f} mm"
             files[f"heatmap_{k}_full_png"] = str(save_png(out_dir / f"heatmap_{k}_full.png",
                                                           error_map_image(s["pred"]["full"], tri, s["e_full"], vmax, 320, title)))
-            files[f"heatmap_{k}_full_ply"] = str(save_error_ply(out_dir / f"heatmap_{k}_full.ply", s["pred"]["full"], tri,
+            files[f"heatmap_{k}_full_ply"] = str(save_error_ply(out_dir / f"heatmap_{k}_full.ply", model.from_stored(s["pred"]["full"]), tri,
                                                                 s["e_full"], vmax))
             if s["has_gt"]:
                 title = f"{k}: AVD_neu {s['e_neu'].mean():.2f} mm"
                 files[f"heatmap_{k}_neutral_png"] = str(save_png(
                     out_dir / f"heatmap_{k}_neutral.png", error_map_image(s["pred"]["identity"], tri, s["e_neu"], vmax, 320, title)))
                 files[f"heatmap_{k}_neutral_ply"] = str(save_error_ply(
-                    out_dir / f"heatmap_{k}_neutral.ply", s["pred"]["identity"], tri, s["e_neu"], vmax))
+                    out_dir / f"heatmap_{k}_neutral.ply", model.from_stored(s["pred"]["identity"]), tri, s["e_neu"], vmax))
     return {"picks": picks, "by": by, "vmax_mm": vmax, "files": files,
             "scores_mm": {k: float(score[i]) for k, i in picks.items()}}
 
@@ -257,7 +257,8 @@ def make_figures(run, data_root=None, split: str = "test", out=None, max_samples
     check_same_data(model, data)
     out = Path(out) if out else run_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    index: dict = {"run": str(run_dir), "data_root": str(root), "split": split, "files": {}}
+    index: dict = {"run": str(run_dir), "data_root": str(root), "split": split, "files": {},
+                   "mesh_units": model.resolve_units()}  # the PLYs are in the raw files' units
 
     panels = disentanglement_panels(model, data, out / "disentangle_best_median_worst.png", out_dir=out)
     index["files"].update(panels.pop("files"))

@@ -50,7 +50,8 @@ def pick_interpolation_pair(split, part: str = "identity") -> tuple[int, int]:
 
 def interpolation_figure(model, split, path, part: str = "identity", steps: int = 5, a: Optional[int] = None,
                          b: Optional[int] = None, mesh_dir: Optional[Path] = None) -> dict:
-    """Draw [input a | interpolation frames | input b] and optionally write the frames as PLYs."""
+    """Draw [input a | interpolation frames | input b] and optionally write the frames as PLYs
+    (in the model's units, e.g. the raw files')."""
     from facedis.apps.grid import face_grid
 
     if a is None or b is None:
@@ -69,5 +70,5 @@ def interpolation_figure(model, split, path, part: str = "identity", steps: int 
     if mesh_dir is not None:
         for k, f in enumerate(frames):
             p = Path(mesh_dir) / f"interpolation_{part}_{k:02d}.ply"
-            files[f"interpolation_{part}_{k:02d}"] = str(model.save_mesh(p, f))
+            files[f"interpolation_{part}_{k:02d}"] = str(model.save_mesh(p, model.from_stored(f)))
     return {"a": int(a), "b": int(b), "steps": int(steps), "files": files}

@@ -80,7 +80,7 @@ def transfer_grid_figure(model, split, path, n_sources: int = 4, n_targets: int 
                          mesh_dir: Optional[Path] = None) -> dict:
     """A transfer grid: header row = targets (identity donors), first column = sources
     (expression donors), cell (i, j) = target j with source i's expression. Writes the PNG and,
-    with ``mesh_dir``, one PLY per transfer."""
+    with ``mesh_dir``, one PLY per transfer (in the model's units, e.g. the raw files')."""
     from facedis.apps.grid import face_grid
 
     src, tgt = pick_transfer_faces(split, n_sources, n_targets)
@@ -113,7 +113,7 @@ def transfer_grid_figure(model, split, path, n_sources: int = 4, n_targets: int 
         for i, s in enumerate(src):
             for j, t in enumerate(tgt):
                 p = Path(mesh_dir) / f"transfer_src{s}_tgt{t}.ply"
-                files[f"transfer_src{s}_tgt{t}"] = str(model.save_mesh(p, pred[i, j]))
+                files[f"transfer_src{s}_tgt{t}"] = str(model.save_mesh(p, model.from_stored(pred[i, j])))
     return {"sources": [int(s) for s in src], "targets": [int(t) for t in tgt], "files": files,
             "mean_transfer_mm": float(np.nanmean(sc["transfer_mm"])) if have_gt.any() else None,
             "mean_baseline_mean_face_mm": float(np.nanmean(sc["mean_face_plus_expression_mm"])) if have_gt.any() else None,

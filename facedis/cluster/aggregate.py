@@ -1,6 +1,6 @@
 """Aggregate a grid's runs into the paper's tables: mean ± std over seeds, paper numbers alongside.
 
-    python launch/aggregate.py runs/ablation --out reports/ablation [--seeds 0 1 2]
+    facedis aggregate runs/ablation --out reports/ablation [--seeds 0 1 2]   # = python launch/aggregate.py ...
 
 Reads only what the runs wrote: ``<grid>/<label>/seed<k>/config.yaml`` and ``metrics.json``.
 A run directory without a readable, complete ``metrics.json`` is listed as missing/failed and never
@@ -32,10 +32,7 @@ from typing import Any, Sequence
 
 import yaml
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from facedis import paper_numbers  # noqa: E402
+from facedis import paper_numbers
 
 METRIC_KEYS = (
     "E_rec_mean", "E_rec_std", "E_rec_median",
@@ -430,8 +427,8 @@ def aggregate(grid_dir: Path, out: Path, seeds: Sequence[int] | None = None, mak
     return {"groups": groups, "problems": problems, "files": files}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("grid_dir", type=Path, help="runs/<grid>")
     p.add_argument("--out", type=Path, help="report directory (default: reports/<grid>)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds every config should have (default: union of seeds found)")

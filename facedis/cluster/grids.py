@@ -1,13 +1,14 @@
 """Named experiment grids, as data.
 
 A grid maps a name to a list of entries ``(config path, overrides)`` or
-``(config path, overrides, label)``. Config paths are relative to the repository root; overrides
+``(config path, overrides, label)``. Config paths ``configs/<name>.yaml`` are the presets shipped in
+the package (``facedis/configs``, whatever the current directory); overrides
 are dotted keys of :class:`facedis.config.Config`. The label names the run directory
 ``runs/<grid>/<label>/seed<k>/``; without one it is derived from the config file name and the
 override values (see :func:`entry_label`).
 
 ``sweep:<dir>`` is a grid too: every ``best*.yaml`` in ``<dir>`` (the best configs written by
-``sweeps/tune.py``; every ``*.yaml`` if there is no ``best*.yaml``) is one entry, labelled by its
+``facedis tune``; every ``*.yaml`` if there is no ``best*.yaml``) is one entry, labelled by its
 file stem.
 """
 
@@ -18,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from facedis.config import PRESETS_DIR, ConfigError, resolve_preset
+
+#: Relative config paths of the grids are relative to this folder: ``configs/x.yaml`` is a shipped preset.
+CONFIG_ROOT = PRESETS_DIR.parent
 
 # The two switches of the paper's ablation (Table IV). Adjust here if the config keys move.
 NEUTRAL_GT_KEY = "method.neutral_gt"
@@ -141,7 +145,7 @@ def _entries(raw: list[tuple], root: Path) -> list[GridEntry]:
     return out
 
 
-def resolve_grid(spec: str, root: Path = REPO_ROOT) -> tuple[str, list[GridEntry]]:
+def resolve_grid(spec: str, root: Path = CONFIG_ROOT) -> tuple[str, list[GridEntry]]:
     """A grid name or ``sweep:<dir>`` -> (grid directory name, entries).
 
     Raises ``ValueError`` for an unknown name, a missing sweep directory or duplicate labels.
@@ -152,7 +156,7 @@ def resolve_grid(spec: str, root: Path = REPO_ROOT) -> tuple[str, list[GridEntry
             raise ValueError(f"--grid {spec}: {d} is not a directory")
         files = sorted(list(d.glob("*.yaml")) + list(d.glob("*.yml")))
         best = [f for f in files if f.name.startswith("best")]
-        files = best or files  # sweeps/tune.py writes best<k>-<trial>.yaml next to other files
+        files = best or files  # facedis tune writes best<k>-<trial>.yaml next to other files
         if not files:
             raise ValueError(f"--grid {spec}: no *.yaml files in {d}")
         entries = [GridEntry(f.resolve(), {}, _check_label(f.stem)) for f in files]
@@ -168,7 +172,7 @@ def resolve_grid(spec: str, root: Path = REPO_ROOT) -> tuple[str, list[GridEntry
     return name, entries
 
 
-def apply_grid_modes(configs: list[str | Path], spec: str, root: Path = REPO_ROOT) -> list[GridEntry]:
+def apply_grid_modes(configs: list[str | Path], spec: str, root: Path = CONFIG_ROOT) -> list[GridEntry]:
     """``--config my.yaml --grid ablation``: the grid's distinct override sets applied to each given config.
 
     Labels keep the grid's mode suffix with the config's stem in front (``coma-ne-gt+id-dis`` ->
@@ -187,16 +191,25 @@ def apply_grid_modes(configs: list[str | Path], spec: str, root: Path = REPO_ROO
         for m in modes:
             base = m.config.stem
             label = stem + m.label[len(base):] if m.label.startswith(base) else f"{stem}--{m.label}"
-            out.append(GridEntry(Path(c).resolve(), dict(m.overrides), _check_label(label)))
+            out.append(GridEntry(config_file(c), dict(m.overrides), _check_label(label)))
     labels = [e.label for e in out]
     if len(set(labels)) != len(labels):
         raise ValueError(f"duplicate run labels {labels}")
     return out
 
 
+def config_file(config: str | Path) -> Path:
+    """A ``--config`` value (a file, or a shipped preset's name) as an absolute path; a missing one
+    stays as given (loading it then names the presets)."""
+    try:
+        return resolve_preset(config).resolve()
+    except ConfigError:
+        return Path(config).resolve()
+
+
 def configs_as_grid(configs: list[str | Path]) -> list[GridEntry]:
     """Plain ``--config a.yaml b.yaml`` -> one entry per file, labelled by its stem."""
-    entries = [GridEntry(Path(c).resolve(), {}, _check_label(Path(c).stem)) for c in configs]
+    entries = [GridEntry(config_file(c), {}, _check_label(Path(c).stem)) for c in configs]
     labels = [e.label for e in entries]
     if len(set(labels)) != len(labels):
         raise ValueError(f"config files with the same name {labels}; use a grid with explicit labels")

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import submitit
+from facedis.extras import require
+
+submitit = require("submitit", "cluster", "facedis submit")
 
 
 @dataclass

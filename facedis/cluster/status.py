@@ -1,10 +1,10 @@
 """Show each run of a grid: its job's scheduler state and its last metrics.
 
-    python launch/status.py runs/ablation
-    python launch/status.py runs/ablation --json
+    facedis status runs/ablation            # = python launch/status.py runs/ablation
+    facedis status runs/ablation --json
 
 The job of a run is the last one recorded for its directory in ``<grid>/.launch/jobs.jsonl``
-(written by ``launch/submit.py``); its state comes from ``sacct`` through submitit. The metrics are
+(written by ``facedis submit``); its state comes from ``sacct`` through submitit. The metrics are
 the last line of the run's ``metrics.jsonl``; ``finished`` means ``metrics.json`` exists.
 """
 
@@ -16,10 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from launch.submit import job_state, latest_jobs  # noqa: E402
+from facedis.cluster.submit import job_state, latest_jobs
 
 SHOW = ("epoch", "E_rec_mean", "E_dis_ref_mean", "E_dis_vstd_mean", "AVD_neu_mean")
 
@@ -92,8 +89,8 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("grid_dir", type=Path, help="runs/<grid>")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     p.add_argument("--no-scheduler", action="store_true", help="do not call sacct (files only)")

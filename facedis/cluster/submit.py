@@ -1,14 +1,18 @@
 """Submit training runs to Slurm (or locally) with submitit: one job per (config, seed).
 
-    python launch/submit.py --config configs/coma.yaml --seeds 0 1 2 \\
+    facedis submit --config coma --seeds 0 1 2 \\
         --nodes 1 --gpus-per-node 4 --partition gpu --time 24:00:00
-    python launch/submit.py --grid ablation --seeds 0 1 2 --gpus-per-node 1 --partition gpu --time 12:00:00
-    python launch/submit.py --grid sweep:sweeps/results/coma/best --seeds 0 1 2 ...
-    python launch/submit.py --config configs/synth.yaml --seeds 0 --cluster local --gpus-per-node 0
+    facedis submit --grid ablation --seeds 0 1 2 --gpus-per-node 1 --partition gpu --time 12:00:00
+    facedis submit --grid sweep:sweeps/results/coma-20260101-120000 --seeds 0 1 2 ...
+    facedis submit --config synth --seeds 0 --cluster local --gpus-per-node 0 --train.epochs=2
+
+(``python launch/submit.py ...`` in a source checkout is the same command.) Needs submitit:
+``pip install 'facedis[cluster]'``. ``--config`` takes YAML files or shipped preset names; config
+overrides for every run are ``--section.key=value`` as everywhere (``--set section.key=value`` is the same).
 
 Runs land in ``<runs-root>/<grid>/<label>/seed<k>/`` (``cfg.run.dir``); submitit logs in
 ``<runs-root>/<grid>/.submitit/``; every submission is appended to
-``<runs-root>/<grid>/.launch/jobs.jsonl`` (read by ``launch/status.py``). All (config, seed) runs
+``<runs-root>/<grid>/.launch/jobs.jsonl`` (read by ``facedis status``). All (config, seed) runs
 of one call go out as one job array. Finished runs (``metrics.json`` present) and runs whose
 last job is still queued or running are skipped, so resubmitting a grid completes it.
 
@@ -32,13 +36,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from facedis.extras import require
 
-import submitit  # noqa: E402
+submitit = require("submitit", "cluster", "facedis submit/status")
 
-from launch.grids import GridEntry, apply_grid_modes, configs_as_grid, resolve_grid  # noqa: E402
-from launch.job import RunSpec, TrainJob, probe_distributed, read_final_metrics  # noqa: E402
+from facedis.cluster.grids import GridEntry, apply_grid_modes, configs_as_grid, resolve_grid  # noqa: E402
+from facedis.cluster.job import RunSpec, TrainJob, probe_distributed, read_final_metrics  # noqa: E402
 
 # Values written into the sbatch script by submitit must be plain tokens (no spaces, quotes, newlines).
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.,:@%+=/\[\]-]+$")
@@ -294,16 +297,17 @@ def submit_specs(ex: submitit.AutoExecutor, specs: list[RunSpec], *, cpu: bool, 
 # CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     g = p.add_argument_group("what to run")
-    g.add_argument("--config", nargs="+", default=[], help="config preset(s); with --grid, the grid's modes are applied to each")
-    g.add_argument("--grid", help="named grid (see launch/grids.py: ablation, paper, synth-ablation) or sweep:<dir>")
+    g.add_argument("--config", nargs="+", default=[],
+                   help="config file(s) or shipped preset name(s); with --grid, the grid's modes are applied to each")
+    g.add_argument("--grid", help="named grid (facedis/cluster/grids.py: ablation, paper, synth-ablation, ...) or sweep:<dir>")
     g.add_argument("--grid-name", help="directory under --runs-root (default: the grid name, or the config's stem)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override applied to every run, e.g. --set train.epochs=10 (repeatable)")
+                   help="config override applied to every run, the same as --KEY=VALUE, e.g. --train.epochs=10 (repeatable)")
     g.add_argument("--runs-root", default="runs", help="root of the run directories (default: runs)")
     r = p.add_argument_group("resources")
     r.add_argument("--cluster", choices=["slurm", "local", "debug"], default="slurm")
@@ -402,9 +406,21 @@ def _wait_all(jobs: list, specs: list[RunSpec]) -> int:
     return failed
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None):
+    """(parser, options); ``--section.key=value`` words are config overrides, appended to ``--set``."""
+    from facedis.config import ConfigError, split_cli_overrides
+
+    parser = build_parser(prog)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        args.overrides = [*args.overrides, *split_cli_overrides(rest)]
+    except ConfigError as e:
+        parser.error(str(e))
+    return parser, args
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    parser, args = parse_args(argv, prog)
     try:
         resources, grid, entries = validate_args(args)
     except ValueError as e:
@@ -468,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     } for j, s in zip(jobs, todo)])
     for j, s in zip(jobs, todo):
         print(f"submit  {s.key}  job {j.job_id}  -> {s.run_dir}")
-    print(f"logs: {grid_dir / '.submitit'}   status: python launch/status.py {grid_dir}")
+    print(f"logs: {grid_dir / '.submitit'}   status: facedis status {grid_dir}")
     if wait:
         return 1 if wait_for(jobs, todo) else 0
     return 0

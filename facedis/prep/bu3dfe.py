@@ -3,7 +3,7 @@
 Raw: ``*.wrl`` files named ``[FM]NNNN_XXLLRR_F3D.wrl`` anywhere under ``--raw`` (e.g. ``F0001/``
 sub-folders), a *registered* BU-3DFE in which every file has the same topology (the reference
 code needs one but never says where it comes from; docs/method.md#bu-3dfe). Files are parsed by a real VRML
-``IndexedFaceSet`` reader (:func:`data_prep.meshio.read_wrl`), not by fixed line numbers; a file
+``IndexedFaceSet`` reader (:func:`facedis.prep.meshio.read_wrl`), not by fixed line numbers; a file
 whose topology differs from the first file's stops preparation with an error naming it.
 
 Labels: identity = gender + number (``F0001`` != ``M0001``); expression ``XX`` in
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import (BadFiles, add_common_arguments, finish_message, kfold_subjects, load_checked,
+from facedis.prep.common import (BadFiles, add_common_arguments, finish_message, kfold_subjects, load_checked,
                               natural_key, options_dict, rigid_align, stream, units)
-from data_prep.meshio import MeshReadError, read_mesh
+from facedis.prep.meshio import MeshReadError, read_mesh
 from facedis.shards import ShardWriter
 
 EXPRESSIONS = ("NE", "AN", "DI", "FE", "HA", "SA", "SU")

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import (
+from facedis.prep.common import (
     BadFiles, add_common_arguments, finish_message, load_checked, loso, mean_per_subject, natural_key,
     options_dict, random_windows, stream, units, window_test_mask
 )
-from data_prep.meshio import MeshReadError, read_mesh
+from facedis.prep.meshio import MeshReadError, read_mesh
 from facedis.shards import ShardWriter
 
 ASYMMETRIC = ("mouth_down", "mouth_middle", "mouth_side", "mouth_up")

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from data_prep.meshio import MeshReadError, read_mesh
+from facedis.prep.meshio import MeshReadError, read_mesh
 
 # ---------------------------------------------------------------------------- arguments
 

@@ -1,8 +1,8 @@
 """Your own registered meshes -> facedis shards.
 
 Raw: a folder of registered meshes in one topology (PLY/OBJ/WRL via the fast readers, any other
-format trimesh reads) plus a CSV (``--csv``, default ``<raw>/index.csv`` or the only ``*.csv`` in
-``<raw>``) with the header ``path,subject,expression,level,is_neutral``: ``path`` relative to the
+format trimesh reads) plus a CSV (``--csv``, default ``<raw>/labels.csv``; also accepted:
+``<raw>/index.csv``, or the only ``*.csv`` in ``<raw>``) with the header ``path,subject,expression,level,is_neutral``: ``path`` relative to the
 CSV's folder (or absolute), ``level`` in [0, 1], ``is_neutral`` one of 1/0/true/false/yes/no.
 The first mesh defines the topology; every other mesh must have the same vertex count (and, with
 ``--check-topology``, the same triangles).
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import (
+from facedis.prep.common import (
     BadFiles, add_common_arguments, finish_message, load_checked, loso, mean_per_subject, natural_key,
     options_dict, stream, subject_split, units, window_test_mask
 )
-from data_prep.meshio import MeshReadError, read_mesh
+from facedis.prep.meshio import MeshReadError, read_mesh
 from facedis.shards import ShardWriter
 
 UNIT_MM = {"m": 1000.0, "cm": 10.0, "mm": 1.0}
@@ -44,7 +44,7 @@ FALSE = {"0", "false", "no", "n", "f", ""}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     g = parser.add_argument_group("custom")
-    g.add_argument("--csv", type=Path, default=None, help="index CSV (default <raw>/index.csv or the only *.csv)")
+    g.add_argument("--csv", type=Path, default=None, help="labels CSV (default <raw>/labels.csv, else <raw>/index.csv or the only *.csv)")
     g.add_argument("--input-units", choices=sorted(UNIT_MM), default="m", help="units of the mesh files")
     g.add_argument("--mm-per-unit", type=float, default=260.0, help="stored = millimetres / this")
     g.add_argument("--protocol", choices=["seen-identity", "unseen-identity", "loso"], default="unseen-identity")
@@ -88,14 +88,19 @@ def read_index(csv_path: Path) -> list[dict]:
     return rows
 
 
+#: The CSV looked for in ``--raw`` without ``--csv``, in this order (``labels.csv`` is the documented name).
+CSV_NAMES = ("labels.csv", "index.csv")
+
+
 def _find_csv(raw: Path, csv_arg) -> Path:
     if csv_arg is not None:
         return Path(csv_arg)
-    if (raw / "index.csv").is_file():
-        return raw / "index.csv"
+    for name in CSV_NAMES:
+        if (raw / name).is_file():
+            return raw / name
     cands = sorted(raw.glob("*.csv"))
     if len(cands) != 1:
-        raise FileNotFoundError(f"{raw}: pass --csv (found {len(cands)} *.csv files and no index.csv)")
+        raise FileNotFoundError(f"{raw}: pass --csv (found {len(cands)} *.csv files and no labels.csv)")
     return cands[0]
 
 

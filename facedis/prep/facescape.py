@@ -7,12 +7,12 @@ meta.json ``missing`` (not errors).
 Decimation replaces the reference's manual MeshLab step (docs/method.md#facescape): quadric edge-collapse
 decimation of ``<template-subject>/models_reg/1_neutral.obj`` to ``--target-faces`` (9,000), every
 decimated vertex snapped to its nearest original vertex, **deduplicated**, triangles cleaned
-(:func:`data_prep.mesh_ops.decimate`). The resulting ``vertex_index_map`` is stored in meta.h5 and
+(:func:`facedis.prep.mesh_ops.decimate`). The resulting ``vertex_index_map`` is stored in meta.h5 and
 described (version, template, sha256, mesh quality) in meta.json ``decimation``; ``--index-map``
 reuses a stored map (a prepared data set directory, its ``meta.h5``, or an ``.npz`` with
 ``vertex_index_map`` and ``triangles``) so that every preparation can share one topology.
 
-Outliers come from a data file (``--outliers``, default ``data_prep/facescape_outliers.txt``), not
+Outliers come from a data file (``--outliers``, default ``facedis/prep/facescape_outliers.txt``), not
 from magic positions. Split: seeded unseen-identity split, ``--test-fraction`` (0.3) of the
 identities in test, with the 10 "publishable" identities forced into test when present.
 Coordinates are millimetres / 573 (mm_per_unit 573). Level: 0 for ``1_neutral`` (is_neutral), 1
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import (BadFiles, add_common_arguments, finish_message, int_list, load_checked,
+from facedis.prep.common import (BadFiles, add_common_arguments, finish_message, int_list, load_checked,
                               options_dict, stream, subject_split, units)
-from data_prep.meshio import MeshReadError, read_mesh
+from facedis.prep.meshio import MeshReadError, read_mesh
 from facedis.shards import ShardWriter
 
 EXPRESSIONS = ("1_neutral", "2_smile", "3_mouth_stretch", "4_anger", "5_jaw_left", "6_jaw_right",
@@ -156,7 +156,7 @@ def prepare(args: argparse.Namespace) -> Path:
     V0 = args.num_vertices or len(tv)
     if len(tv) != V0:
         raise RuntimeError(f"{tpath}: template has {len(tv)} vertices, expected {V0} (--num-vertices)")
-    from data_prep import mesh_ops
+    from facedis.prep import mesh_ops
 
     if args.index_map is not None:
         vmap, tris, info = load_index_map(args.index_map)
@@ -170,7 +170,7 @@ def prepare(args: argparse.Namespace) -> Path:
         print(f"decimating {tpath} ({len(tv)} v / {len(tf)} f) to {args.target_faces} faces ...", file=sys.stderr)
         vmap, tris = mesh_ops.decimate(tv, tf, target_faces=args.target_faces)
         info, method = {}, "quadric edge collapse (fast_simplification) + nearest-original-vertex snap, " \
-                           "deduplicated, cleaned (data_prep.mesh_ops.decimate)"
+                           "deduplicated, cleaned (facedis.prep.mesh_ops.decimate)"
     vmap = np.asarray(vmap, dtype=np.int64)
     tris = np.asarray(tris, dtype=np.int32)
     if len(np.unique(vmap)) != len(vmap):

@@ -1,6 +1,7 @@
-"""Prepare a facedis data set: ``python data_prep/prepare.py {synth,coma,bu3dfe,facescape,custom,check} ...``
+"""Prepare a facedis data set: ``facedis prepare {synth,coma,bu3dfe,facescape,custom,check} ...``
+(the same as ``python data_prep/prepare.py ...`` in a source checkout, or ``python -m facedis.prep.prepare``).
 
-Each data source is a module ``data_prep/<name>.py`` registered in :data:`SOURCES` and imported
+Each data source is a module ``facedis/prep/<name>.py`` registered in :data:`SOURCES` and imported
 lazily (only the chosen one is imported). A source module exposes::
 
     def add_arguments(parser: argparse.ArgumentParser) -> None   # its own options
@@ -10,7 +11,7 @@ This script adds ``--out`` (required), ``--overwrite`` and ``--shard-size`` to e
 unless the module's ``add_arguments`` already defines them, runs ``prepare``, then validates the
 result with :func:`facedis.shards.check_dataset` and prints a summary.
 
-``python data_prep/prepare.py check <dir> [--no-hashes]`` validates an existing data set; it exits
+``facedis prepare check <dir> [--no-hashes]`` validates an existing data set; it exits
 with status 1 and a message naming the bad file when a shard is missing, truncated or modified.
 """
 
@@ -23,17 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:  # `python data_prep/prepare.py` puts data_prep/ (not the repo) on sys.path
-    sys.path.insert(0, str(_REPO))
-
 #: subcommand -> (module, one-line description). Add a data set by adding a line here.
 SOURCES: dict[str, tuple[str, str]] = {
-    "synth": ("data_prep.synth", "synthetic CoMA-like faces from the embedded ICT-FaceKit model"),
-    "coma": ("data_prep.coma", "CoMA (12 subjects, FLAME topology; seen-identity protocol)"),
-    "bu3dfe": ("data_prep.bu3dfe", "BU-3DFE (100 subjects; unseen-identity protocol)"),
-    "facescape": ("data_prep.facescape", "FaceScape (unseen-identity protocol, decimated)"),
-    "custom": ("data_prep.custom", "your own registered meshes (one topology)"),
+    "synth": ("facedis.prep.synth", "synthetic CoMA-like faces from the embedded ICT-FaceKit model"),
+    "coma": ("facedis.prep.coma", "CoMA (12 subjects, FLAME topology; seen-identity protocol)"),
+    "bu3dfe": ("facedis.prep.bu3dfe", "BU-3DFE (100 subjects; unseen-identity protocol)"),
+    "facescape": ("facedis.prep.facescape", "FaceScape (unseen-identity protocol, decimated)"),
+    "custom": ("facedis.prep.custom", "your own registered meshes (one topology)"),
 }
 
 
@@ -44,11 +41,11 @@ def load_source(name: str):
         mod = importlib.import_module(modname)
     except ModuleNotFoundError as e:
         if e.name == modname:
-            raise SystemExit(f"prepare.py: data source {name!r} is not available ({modname} is missing)") from None
+            raise SystemExit(f"prepare: data source {name!r} is not available ({modname} is missing)") from None
         raise
     for attr in ("add_arguments", "prepare"):
         if not callable(getattr(mod, attr, None)):
-            raise SystemExit(f"prepare.py: {modname} does not define {attr}()")
+            raise SystemExit(f"prepare: {modname} does not define {attr}()")
     return mod
 
 
@@ -62,9 +59,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--shard-size", type=int, default=2048, help="samples per shard file (default 2048)")
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; only the source named ``command`` (if any) is imported to add its options."""
-    p = argparse.ArgumentParser(prog="prepare.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*SOURCES, "check"]) + "}")
     for name, (_, help_) in SOURCES.items():
@@ -104,10 +101,10 @@ def check(root: str, verify_hashes: bool = True, as_json: bool = False) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in SOURCES else None).parse_args(argv)
+    args = build_parser(command if command in SOURCES else None, prog=prog).parse_args(argv)
     if args.command == "check":
         return check(args.root, verify_hashes=not args.no_hashes, as_json=args.json)
     mod = load_source(args.command)

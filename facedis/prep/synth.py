@@ -41,13 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import mesh_ops
+from facedis.prep import mesh_ops
 
 METRES_PER_STORED = 0.26
 STORED_PER_METRE = 1.0 / METRES_PER_STORED
 MM_PER_UNIT = 260.0
 
-BASIS_PATH = Path(__file__).resolve().parent.parent / "facedis" / "assets" / "ict_facekit_basis.npz"
+BASIS_PATH = Path(__file__).resolve().parent.parent / "assets" / "ict_facekit_basis.npz"
 
 
 def _sym(**kw) -> dict:

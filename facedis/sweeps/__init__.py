@@ -1,0 +1,1 @@
+"""Ray Tune sweeps: ``facedis tune`` (:mod:`facedis.sweeps.tune`); needs ``facedis[sweep]``."""

@@ -1,19 +1,24 @@
 """Ray Tune sweeps over the paper's loss weights (λ1–λ5) and latent sizes; Pareto pick of (E_dis, E_rec).
 
-    python sweeps/tune.py --dataset coma --num-samples 32 --gpus-per-trial 0.5 --mode +ne-gt+id-dis
-    python sweeps/tune.py --dataset coma --mode search --space loss.recon=loguniform:1000:10000 --set train.epochs=100
-    python sweeps/tune.py --resume sweeps/results/coma-20260101-120000        # after a crash
-    python sweeps/tune.py --dataset synth --smoke-test                         # ~1 min on 2 CPU cores
+    facedis tune --dataset coma --num-samples 32 --gpus-per-trial 0.5 --mode +ne-gt+id-dis
+    facedis tune --dataset coma --mode search --space loss.recon=loguniform:1000:10000 --train.epochs=100
+    facedis tune --dataset coma --resume                                    # the newest coma sweep, after a crash
+    facedis tune --resume sweeps/results/coma-20260101-120000               # a given sweep
+    facedis tune --dataset synth --smoke-test                               # ~1 min on 2 CPU cores
+
+(``python sweeps/tune.py ...`` in a source checkout is the same command.) Needs Ray Tune:
+``pip install 'facedis[sweep]'``. Fixed config overrides are ``--section.key=value`` as everywhere
+(``--set section.key=value`` is the same).
 
 Every trial is one call of :func:`facedis.engine.train` (the only training loop): the trainable
 (:func:`trainable`) builds the trial's Config from the base preset plus the sampled values,
 forwards every evaluation to ``tune.report`` with the engine's checkpoint directory, and on a
 restore copies the Tune checkpoint to ``<run.dir>/checkpoints/last``, where the engine resumes.
 
-Output (``sweeps/results/<dataset>-<time>/`` or ``--out``), see docs/sweeps.md:
+Output (``sweeps/results/<dataset>-<time>/`` under the current directory, or ``--out``), see docs/sweeps.md:
 ``trials.csv`` (every trial, last reported values, on-front flag and score), ``pareto.png``,
-``best1-<trial>.yaml`` … (complete resolved configs: ``facedis/train.py --config`` and
-``launch/submit.py --grid sweep:<out>`` take them unchanged), ``sweep.json`` (what ``--resume``
+``best1-<trial>.yaml`` … (complete resolved configs: ``facedis train --config`` and
+``facedis submit --grid sweep:<out>`` take them unchanged), ``sweep.json`` (what ``--resume``
 needs), ``tune/`` (Ray Tune's experiment directory) and ``runs/<trial>/`` (each trial's run dir).
 """
 
@@ -23,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,11 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `python sweeps/tune.py` from a source checkout
-    sys.path.insert(0, str(REPO_ROOT))
+from facedis.extras import require
+from facedis.sweeps import pareto, spaces
 
-from sweeps import pareto, spaces  # noqa: E402
+#: Where sweeps go without ``--out`` (relative to the current directory), as ``<dataset>-<time>/``.
+RESULTS_DIR = Path("sweeps") / "results"
+#: ``--resume`` given without a directory
+LATEST = Path("<latest>")
 
 DEFAULT_METRICS = ("E_dis_ref_mean", "E_rec_mean")
 
@@ -134,8 +142,8 @@ def ensure_data(cfg) -> None:
         return
     if not cfg.data.prepare:
         raise SystemExit(f"data set {root} is missing and the preset has no data.prepare; "
-                         f"run data_prep/prepare.py first")
-    cmd = [sys.executable, str(REPO_ROOT / "data_prep" / "prepare.py"), *cfg.data.prepare, "--out", str(root)]
+                         f"run facedis prepare first")
+    cmd = [sys.executable, "-m", "facedis.prep.prepare", *cfg.data.prepare, "--out", str(root)]
     print("preparing data:", " ".join(cmd), flush=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(cmd, check=True)
@@ -359,17 +367,17 @@ def _progress_callback(metrics):
 # CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--dataset", choices=sorted(spaces.SPACES), help="data set (selects configs/<dataset>.yaml and the space)")
-    p.add_argument("--config", type=Path, help="base preset (default configs/<dataset>.yaml)")
+    p.add_argument("--dataset", choices=sorted(spaces.SPACES), help="data set (selects the preset <dataset> and the space)")
+    p.add_argument("--config", type=Path, help="base preset: a YAML file or a shipped preset's name (default: the preset <dataset>)")
     p.add_argument("--mode", default="+ne-gt+id-dis", help=f"fixed mode ({', '.join(spaces.MODES)}) or 'search'")
     p.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
                    help="search dimension, e.g. loss.recon=loguniform:100:10000, model.id_dim=choice:4,8 (repeatable)")
     p.add_argument("--space-file", type=Path, help="YAML mapping KEY: SPEC merged over the data set's space")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_",
-                   help="fixed override for trials AND the written best configs (repeatable)")
+                   help="fixed override for trials AND the written best configs, the same as --KEY=VALUE (repeatable)")
     p.add_argument("--trial-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for the trials only (a cheaper sweep budget, e.g. train.epochs=50)")
     p.add_argument("--num-samples", type=int, default=None, help="trials to sample (default 16; smoke test 4)")
@@ -391,12 +399,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eligible", choices=["completed", "all"], default="completed",
                    help="trials the front is taken over (completed = ran the whole budget)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random search")
-    p.add_argument("--out", type=Path, help="output directory (default sweeps/results/<dataset>-<time>)")
-    p.add_argument("--resume", type=Path, metavar="OUT", help="resume the sweep in OUT after a crash (other options are read from OUT/sweep.json)")
+    p.add_argument("--out", type=Path, help=f"output directory (default {RESULTS_DIR}/<dataset>-<time>)")
+    p.add_argument("--resume", type=Path, metavar="OUT", nargs="?", const=LATEST,
+                   help="resume the sweep in OUT after a crash (other options are read from OUT/sweep.json); "
+                        f"without OUT: --out, else the newest {RESULTS_DIR}/<dataset>-* of --dataset")
     p.add_argument("--smoke-test", action="store_true", help="tiny synth sweep: 4 trials x 3 epochs, ~1 min on 2 cores")
     p.add_argument("--verbose", action="store_true", help="show trial logs and Ray output")
     p.add_argument("--train-fn", default="facedis.engine:train", help=argparse.SUPPRESS)  # tests of the adapter
     return p
+
+
+def latest_sweep(dataset: str, smoke_test: bool = False, root: Path = RESULTS_DIR) -> Path:
+    """The newest ``<root>/<dataset>[-smoke]-<time>/`` holding a ``sweep.json`` (``SystemExit`` if none)."""
+    prefix = f"{dataset}-smoke-" if smoke_test else f"{dataset}-"
+    found = sorted(d for d in Path(root).glob(f"{prefix}*") if (d / "sweep.json").is_file()
+                   and (smoke_test or not d.name.startswith(f"{dataset}-smoke-")))
+    if not found:
+        raise SystemExit(f"--resume: no {dataset} sweep in {root}/ to resume; give its directory (--resume OUT)")
+    return found[-1]  # <time> is YYYYmmdd-HHMMSS: the names sort by time
+
+
+def _resume_dir(args) -> Path:
+    if args.resume is not LATEST:
+        return args.resume
+    if args.out:
+        return args.out
+    if not args.dataset:
+        raise SystemExit("--resume without OUT needs --dataset (the newest sweep of that data set) or --out")
+    return latest_sweep(args.dataset, args.smoke_test)
 
 
 def _new_state(args, argv=None) -> tuple[Path, dict]:
@@ -405,7 +435,12 @@ def _new_state(args, argv=None) -> tuple[Path, dict]:
     fixed = spaces.parse_assignments(args.set_)
     trial_set = spaces.parse_assignments(args.trial_set)
     space_cli = spaces.parse_assignments(args.space)
-    config_path = args.config or REPO_ROOT / "configs" / f"{args.dataset}.yaml"
+    from facedis.config import ConfigError, resolve_preset
+
+    try:
+        config_path = resolve_preset(args.config or args.dataset)
+    except ConfigError as e:
+        raise SystemExit(f"--config: {e}") from None
     if args.smoke_test:
         fixed = {**SMOKE_SET, **fixed}
         space_cli = {**SMOKE_SPACE, **space_cli}
@@ -424,7 +459,7 @@ def _new_state(args, argv=None) -> tuple[Path, dict]:
     from facedis.config import config_to_dict
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = (args.out or REPO_ROOT / "sweeps" / "results" / f"{args.dataset}{'-smoke' if args.smoke_test else ''}-{stamp}")
+    out = (args.out or RESULTS_DIR / f"{args.dataset}{'-smoke' if args.smoke_test else ''}-{stamp}")
     out = out.expanduser().resolve()
     if (out / "sweep.json").exists():
         raise SystemExit(f"{out} already holds a sweep; use --resume {out} or another --out")
@@ -444,11 +479,33 @@ def _new_state(args, argv=None) -> tuple[Path, dict]:
     return out, state
 
 
-def run(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """The options; ``--section.key=value`` words are fixed overrides, appended to ``--set``."""
+    from facedis.config import ConfigError, split_cli_overrides
+
+    parser = build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, word in enumerate(argv[:-1]):  # `--mode -ne-gt+id-dis`: a value, not an option
+        if word == "--mode" and re.fullmatch(r"(?:[+-](?:ne-gt|id-dis))+", argv[i + 1]):
+            argv[i:i + 2] = [f"--mode={argv[i + 1]}"]
+            break
+    args, rest = parser.parse_known_args(argv)
+    try:
+        args.set_ = [*args.set_, *split_cli_overrides(rest)]
+    except ConfigError as e:
+        parser.error(str(e))
+    return args
+
+
+def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    args = parse_args(argv, prog)
     t0 = time.time()
+    _quiet_ray_env(local=not args.address)  # before ray is imported
+    require("ray.tune", "sweep", "facedis tune")  # before any work: a clear error naming the extra
     if args.resume:
-        out = args.resume.expanduser().resolve()
+        out = _resume_dir(args).expanduser().resolve()
+        if not (out / "sweep.json").is_file():
+            raise SystemExit(f"--resume: {out} holds no sweep (no sweep.json)")
         state = json.loads((out / "sweep.json").read_text())
         saved = state.get("resources", {})
     else:
@@ -461,7 +518,6 @@ def run(argv: list[str] | None = None) -> dict:
         "max_concurrent": args.max_concurrent if args.max_concurrent is not None else saved.get("max_concurrent", 2 if smoke else None),
     }
     top_k = args.top_k or (1 if smoke else 3)
-    _quiet_ray_env(local=not args.address)
 
     from facedis.config import config_from_dict
 
@@ -548,12 +604,12 @@ def _print_summary(summary: dict, out: Path, metrics) -> None:
         print("no winner: no trial reported both metrics")
     print(f"files in {out}:\n  trials.csv  pareto.png  selection.json  "
           + "  ".join(Path(b["yaml"]).name for b in summary["best"])
-          + f"\ntrain a winner:  python facedis/train.py --config {summary['best'][0]['yaml'] if summary['best'] else '<yaml>'}"
-          + f"\non the cluster:  python launch/submit.py --grid sweep:{out}")
+          + f"\ntrain a winner:  facedis train --config {summary['best'][0]['yaml'] if summary['best'] else '<yaml>'}"
+          + f"\non the cluster:  facedis submit --grid sweep:{out}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    summary = run(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    summary = run(argv, prog)
     return 0 if summary["best"] else 1
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from facedis.pretrained import main
+
+sys.exit(main())
