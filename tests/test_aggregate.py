@@ -85,6 +85,9 @@ def test_mean_std_over_seeds_and_missing_runs_listed(grid, tmp_path):
               "runs.csv", "missing.csv", "summary.png", "tables.md"):
         assert (tmp_path / "rep" / f).stat().st_size > 0, f
     assert (tmp_path / "rep" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # training curves per config, mean ± std over its finished seeds
+    curves = sorted(p.name for p in (tmp_path / "rep" / "curves").glob("*.png"))
+    assert curves == sorted(f"{label}.png" for label in groups)
 
 
 def test_csv_values_equal_run_metrics(grid, tmp_path):

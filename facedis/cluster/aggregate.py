@@ -13,7 +13,9 @@ config does not. Writes to ``--out``:
   ``table_<dataset>.csv`` for other data sets): the same rows, numbers in separate columns;
 - ``summary.csv`` (one row per config: mean and std over seeds of every metric),
   ``runs.csv`` (one row per finished run), ``missing.csv``;
-- ``summary.png``: per-metric bars (mean ± std over seeds) with the paper's values as markers.
+- ``summary.png``: per-metric bars (mean ± std over seeds) with the paper's values as markers;
+- ``curves/<config>.png``: the training curves of each config, mean ± std over its seeds (from the
+  runs' ``metrics.jsonl``).
 
 "± std" of our rows is the sample standard deviation (ddof=1) over seeds; it is omitted for a
 single seed. The paper's "mean ± std" is a spread over test meshes and appears in its own columns.
@@ -351,6 +353,19 @@ def write_table_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     _write_csv(path, header, out)
 
 
+def write_curves(groups: list[Group], out: Path) -> list[Path]:
+    """One ``<label>.png`` per config: losses and metrics against steps, mean ± std over seeds."""
+    from facedis.curves import plot_curves, read_records, save_figure
+
+    files = []
+    for g in groups:
+        runs = [rec for rec in (read_records(r.path / "metrics.jsonl") for r in g.runs) if rec]
+        if runs:
+            name = g.label.replace("/", "_")
+            files.append(save_figure(plot_curves(runs, f"{g.label}: {len(runs)} seed(s)"), out / f"{name}.png"))
+    return files
+
+
 def plot(groups: list[Group], path: Path) -> None:
     import matplotlib
 
@@ -422,6 +437,7 @@ def aggregate(grid_dir: Path, out: Path, seeds: Sequence[int] | None = None, mak
     if make_plot and groups:
         plot(groups, out / "summary.png")
         files.append(out / "summary.png")
+        files += write_curves(groups, out / "curves")
     (out / "tables.md").write_text(render_markdown(grid_dir, groups, problems, tables))
     files.append(out / "tables.md")
     return {"groups": groups, "problems": problems, "files": files}

@@ -1,5 +1,5 @@
 import sys
 
-from facedis.pretrained import main
+from facedis.pretrained.build import main
 
 sys.exit(main())
