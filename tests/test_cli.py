@@ -459,6 +459,12 @@ def test_non_editable_install_works_from_an_empty_directory(tmp_path):
     assert re.search(r"^\s+loss\.adv_id\s+float = 0\.001$", r.stdout, re.M)
     r = run(py, "-c", "import facedis.prep.facescape as f; print(f.DEFAULT_OUTLIERS.is_file())")
     assert r.stdout.strip() == "True", r.stderr
+    # the shipped demo model and its sample faces are package data: figures right after install
+    r = run(facedis_cmd, "apps", "figures", "--model", "synth-demo", "--out", "figs", "--max-samples", "8")
+    assert r.returncode == 0, r.stderr
+    assert (empty / "figs" / "disentangle_best_median_worst.png").is_file()
+    r = run(py, "-c", "import facedis; print(facedis.load('synth-demo').num_vertices)")
+    assert r.stdout.strip() == "300", r.stderr
     for name in ("launch", "sweeps", "data_prep"):
         r = run(py, "-c", f"import {name}")
         assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, name
