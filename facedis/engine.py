@@ -478,6 +478,8 @@ def model_payload(cfg: Config, data, vae: torch.nn.Module) -> dict:
         "mean_face": torch.as_tensor(np.asarray(info.mean_face), dtype=torch.float32),
         "template": torch.as_tensor(np.asarray(info.template), dtype=torch.float32),
         "triangles": torch.as_tensor(np.asarray(info.triangles), dtype=torch.int64),
+        "vertex_index_map": None if info.vertex_index_map is None else torch.as_tensor(np.asarray(info.vertex_index_map), dtype=torch.int64),
+        "source_vertices": (info.meta.get("decimation") or {}).get("source_vertices"),
         "mm_per_unit": data.mm_per_unit,
         "raw_units": raw_units_of_meta(info.meta),
         "dataset": cfg.dataset,

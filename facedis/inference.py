@@ -114,6 +114,34 @@ def find_data_root(run_or_checkpoint, ckpt_meta: Optional[dict] = None) -> Optio
     return None
 
 
+def _resolve_vertex_map(ckpt: dict, ckpt_path: Path, num_vertices: int) -> tuple[Optional[np.ndarray], Optional[int]]:
+    """(vertex_index_map (V,) int64, source vertex count) of a model trained on a decimated data set:
+    from model.pt (``vertex_index_map``, ``source_vertices``), else from the data set's meta.h5 /
+    meta.json ``decimation``. (None, None) when the model's data was not decimated or it is unknown."""
+    vmap, src = ckpt.get("vertex_index_map"), ckpt.get("source_vertices")
+    if vmap is None or src is None:
+        root = find_data_root(ckpt_path, ckpt)
+        if root is not None:
+            import json
+
+            try:
+                meta = json.loads((root / "meta.json").read_text())
+                src = src if src is not None else (meta.get("decimation") or {}).get("source_vertices")
+                if vmap is None and src is not None:
+                    from facedis.shards import read_arrays
+
+                    vmap = read_arrays(root).get("vertex_index_map")
+            except (OSError, ValueError, KeyError):
+                pass
+    if vmap is None or src is None:
+        return None, None
+    vmap = _to_np(vmap, np.int64).reshape(-1)
+    src = int(src)
+    if len(vmap) != num_vertices or src <= num_vertices or vmap.min() < 0 or vmap.max() >= src:
+        return None, None
+    return vmap, src
+
+
 def _resolve_raw_units(ckpt: dict, ckpt_path: Path) -> tuple[Optional[str], str]:
     """(raw units or None, where they came from) for a checkpoint."""
     import json
@@ -251,12 +279,16 @@ class FaceModel:
     ``template`` (V,3) in stored units, ``triangles`` (F,3), ``mm_per_unit``,
     ``num_vertices``, ``id_dim``, ``exp_dim``, ``units`` (default for calls), ``raw_units``
     (units of the training data's raw files, what ``auto`` means; None if unknown, then ``auto``
-    is ``stored``), ``align`` (default for calls), ``meta`` (everything else the checkpoint carried).
+    is ``stored``), ``align`` (default for calls), ``meta`` (everything else the checkpoint carried),
+    ``vertex_index_map`` (V,) and ``source_vertices`` for a model trained on a decimated data set
+    (else None): inputs with ``source_vertices`` vertices (the full-resolution source topology) are
+    reduced to the model's vertices with the map; outputs stay at the model's resolution.
     """
 
     def __init__(self, vae: DisentanglingVAE, mean_face, triangles, mm_per_unit: float = 1.0, template=None,
                  units: str = "auto", align: bool = False, device="cpu", meta: Optional[dict] = None,
-                 batch_size: int = 256, raw_units: Optional[str] = None):
+                 batch_size: int = 256, raw_units: Optional[str] = None, vertex_index_map=None,
+                 source_vertices: Optional[int] = None):
         self.device = torch.device(device)
         self.vae = vae.to(self.device).eval()
         self.mean_face = _to_np(mean_face, np.float32)
@@ -269,6 +301,15 @@ class FaceModel:
         if raw_units is not None and raw_units not in UNIT_MM:
             raise ValueError(f"raw_units={raw_units!r}; valid choices: {tuple(UNIT_MM)} or None")
         self.raw_units = raw_units
+        self.vertex_index_map = None if vertex_index_map is None else _to_np(vertex_index_map, np.int64).reshape(-1)
+        self.source_vertices = None if source_vertices is None else int(source_vertices)
+        if (self.vertex_index_map is None) != (self.source_vertices is None):
+            raise ValueError("give both vertex_index_map and source_vertices, or neither")
+        if self.vertex_index_map is not None and (
+                len(self.vertex_index_map) != self.num_vertices or self.source_vertices <= self.num_vertices
+                or self.vertex_index_map.min() < 0 or self.vertex_index_map.max() >= self.source_vertices):
+            raise MeshMismatchError(f"vertex_index_map ({len(self.vertex_index_map)} entries) does not map a "
+                                    f"{self.source_vertices}-vertex source onto the {self.num_vertices} vertices")
         self.align = bool(align)
         self.meta = dict(meta or {})
         self.batch_size = int(batch_size)
@@ -315,13 +356,15 @@ class FaceModel:
         if mm is None:
             units_meta = _first(ckpt, "units", default={})
             mm = units_meta.get("mm_per_unit") if isinstance(units_meta, dict) else None
-        skip = {"vae", "model", "state_dict", "vae_state_dict", "mean_face", "triangles", "faces", "template"}
+        skip = {"vae", "model", "state_dict", "vae_state_dict", "mean_face", "triangles", "faces", "template",
+                "vertex_index_map"}
         meta = {k: v for k, v in ckpt.items() if k not in skip}
         meta["checkpoint"] = str(ckpt_path)
         raw_units, meta["raw_units_from"] = _resolve_raw_units(ckpt, ckpt_path)
+        vmap, src = _resolve_vertex_map(ckpt, ckpt_path, args["num_vertices"])
         return cls(vae, mean_face, triangles, mm_per_unit=1.0 if mm is None else float(mm),
                    template=_first(ckpt, "template"), units=units, align=align, device=device, meta=meta,
-                   raw_units=raw_units)
+                   raw_units=raw_units, vertex_index_map=vmap, source_vertices=src)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -400,11 +443,18 @@ class FaceModel:
                 f"{source}: its {len(faces)} triangles are not the training template's {len(self.triangles)} "
                 "triangles; the model needs meshes registered to the training topology (same vertices, same order)")
 
+    def _vertex_count_error(self, src: str, n: int) -> MeshMismatchError:
+        full = (f" or the {self.source_vertices}-vertex full-resolution source topology it was decimated from"
+                if self.source_vertices is not None else "")
+        return MeshMismatchError(f"{src}: {n} vertices, but the model was trained on a {self.num_vertices}-vertex "
+                                 f"template (inputs must be registered to it{full})")
+
     def _read_checked(self, path) -> np.ndarray:
         v, f = read_mesh(path)
+        if self.source_vertices is not None and v.shape[0] == self.source_vertices:
+            return v[self.vertex_index_map]  # full resolution: keep the model's vertices
         if v.shape[0] != self.num_vertices:
-            raise MeshMismatchError(f"{path}: {v.shape[0]} vertices, but the model was trained on a "
-                                    f"{self.num_vertices}-vertex template (inputs must be registered to it)")
+            raise self._vertex_count_error(str(path), v.shape[0])
         self._check_topology(f, str(path))
         return v
 
@@ -425,9 +475,10 @@ class FaceModel:
             src = "input"
         if batch.shape[-1] != 3:
             raise MeshMismatchError(f"{src}: vertices must have 3 coordinates; got shape {batch.shape}")
+        if self.source_vertices is not None and batch.shape[1] == self.source_vertices:
+            batch = batch[:, self.vertex_index_map]  # full resolution: keep the model's vertices
         if batch.shape[1] != self.num_vertices:
-            raise MeshMismatchError(f"{src}: {batch.shape[1]} vertices, but the model was trained on a "
-                                    f"{self.num_vertices}-vertex template (inputs must be registered to it)")
+            raise self._vertex_count_error(src, batch.shape[1])
         if not np.isfinite(batch).all():
             raise ValueError(f"{src}: vertices contain NaN or inf")
         unit = self.resolve_units(units)

@@ -5,7 +5,8 @@ that need FLAME's exact topology (5,023 v, vertex 3506) use ``../shared/data/fla
 it is present beside the repository.
 
 - ``small_face()``: an ICT face resampled on a regular grid (V ~ 200) with identity and expression
-  bases -- small enough for fast tests, a real face shape.
+  bases -- small enough for fast tests, a real face shape. ``dense_face()``: the same, upsampled
+  (V = 1,600) for decimation tests.
 - ``make_coma_tree``: ``FaceTalk_*/<seq>/<seq>.NNNNNN.ply`` binary little-endian PLYs whose
   expression amplitude rises and falls, one injected outlier frame, left/right swings on the
   asymmetric sequences.
@@ -76,6 +77,33 @@ def small_face(nx: int = 14, ny: int = 16, n_id: int = 20) -> dict:
            "iddirs": d["iddirs"][src, :, :n_id].astype(np.float64),
            "expdirs": d["expdirs"][src].astype(np.float64), "exp_names": list(d["exp_names"]), "src": src}
     assert len(np.unique(src)) == len(src), "grid too fine for the ICT mesh"
+    _CACHE[key] = out
+    return out
+
+
+def dense_face(nx: int = 40, ny: int = 40) -> dict:
+    """:func:`small_face` bilinearly upsampled to an nx*ny grid (more vertices than the ICT front
+    holds at nearest-vertex sampling; for decimation tests). Same keys as :func:`small_face`
+    (``src``: the nearest small-grid vertex)."""
+    key = ("dense", nx, ny)
+    if key in _CACHE:
+        return _CACHE[key]
+    from scipy.interpolate import RegularGridInterpolator
+
+    bx, by = 14, 16
+    base = small_face(bx, by)
+    fields = {k: base[k] for k in ("template", "iddirs", "expdirs")}
+    flat = np.concatenate([f.reshape(bx * by, -1) for f in fields.values()], axis=1).reshape(by, bx, -1)
+    interp = RegularGridInterpolator((np.linspace(0, 1, by), np.linspace(0, 1, bx)), flat)
+    gy, gx = np.meshgrid(np.linspace(0, 1, ny), np.linspace(0, 1, nx), indexing="ij")
+    vals = interp(np.stack([gy.ravel(), gx.ravel()], 1))
+    out, k = {}, 0
+    for name, f in fields.items():
+        n = int(np.prod(f.shape[1:]))
+        out[name] = vals[:, k:k + n].reshape((nx * ny,) + f.shape[1:])
+        k += n
+    near = np.rint(gy.ravel() * (by - 1)).astype(int) * bx + np.rint(gx.ravel() * (bx - 1)).astype(int)
+    out.update(triangles=_grid_triangles(nx, ny), exp_names=base["exp_names"], src=base["src"][near])
     _CACHE[key] = out
     return out
 

@@ -20,6 +20,11 @@ random windows of 10 consecutive frames inside one subject and expression class,
 windows, starts >= 10 apart, **seeded**; the windows are saved in meta.json) and ``loso``
 (leave-one-subject-out, ``--fold k``).
 
+``--vertices N`` decimates the first readable frame to about N vertices as FaceScape's preparation
+does (:func:`facedis.prep.common.decimate_reference`; the map is meta.h5 ``vertex_index_map``,
+described in meta.json ``decimation``); levels and left/right use the full meshes, the shards hold
+the kept vertices. Default: no decimation.
+
 Two streaming passes: pass 1 computes per-frame levels (one task per sequence, only small arrays come
 back), pass 2 reads the frames again in chunks and writes shards. Memory is bounded by the shard size.
 """
@@ -34,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from facedis.prep.common import (
-    BadFiles, add_common_arguments, finish_message, load_checked, loso, mean_per_subject, natural_key,
-    options_dict, random_windows, stream, units, window_test_mask
+    BadFiles, add_common_arguments, add_decimation_argument, decimate_reference, finish_message, load_checked, loso,
+    mean_per_subject, natural_key, options_dict, random_windows, stream, units, window_test_mask
 )
 from facedis.prep.meshio import MeshReadError, read_mesh
 from facedis.shards import ShardWriter
@@ -70,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--check-topology", action="store_true",
                    help="also compare every frame's triangles with the first frame's (slower)")
     g.add_argument("--subject-glob", default="*", help="subject folders to use (glob; default all)")
+    add_decimation_argument(g)
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -102,9 +108,10 @@ def discover(raw: Path, subject_glob: str = "*") -> dict[str, dict[str, list[Pat
 
 
 def _sequence_stats(paths: list[Path], num_vertices: int, triangles: np.ndarray | None, lr_vertex: int,
-                    scale: float | None):
+                    scale: float | None, vmap: np.ndarray | None = None):
     """Pass 1 on one sequence: per frame (reason or None, level_raw, dx), and with ``scale`` the
-    stacked scaled vertices of the readable frames (else None)."""
+    stacked scaled vertices of the readable frames (else None), restricted to ``vmap`` when given
+    (levels and left/right are computed on the full meshes)."""
     ref = None
     out = []
     keep = []
@@ -119,17 +126,20 @@ def _sequence_stats(paths: list[Path], num_vertices: int, triangles: np.ndarray 
         d = float(np.sqrt(np.einsum("ij,ij->i", diff, diff)).mean(dtype=np.float64))
         out.append((None, d, float(v[lr_vertex, 0] - ref[lr_vertex, 0])))
         if scale is not None:
-            keep.append(v)
+            keep.append(v if vmap is None else v[vmap])
     stack = None
     if scale is not None:
-        stack = np.stack(keep) if keep else np.zeros((0, num_vertices, 3), np.float32)
+        nv = num_vertices if vmap is None else len(vmap)
+        stack = np.stack(keep) if keep else np.zeros((0, nv, 3), np.float32)
         stack *= np.float32(scale)
     return out, stack
 
 
-def _read_scaled(path: Path, num_vertices: int, scale: float):
+def _read_scaled(path: Path, num_vertices: int, scale: float, vmap: np.ndarray | None = None):
     v, reason = load_checked(path, num_vertices)
     if v is not None:
+        if vmap is not None:
+            v = v[vmap]
         v *= np.float32(scale)
     return v, reason
 
@@ -185,6 +195,11 @@ def prepare(args: argparse.Namespace) -> Path:
         raise RuntimeError(f"{raw}: no readable reference mesh")
     if not (0 <= args.lr_vertex < V):
         raise ValueError(f"--lr-vertex {args.lr_vertex} is outside the {V} vertices of the meshes")
+    V_src = V  # the raw topology (levels, --lr-vertex and the topology check use it)
+    vmap = decimation = None
+    if getattr(args, "vertices", None) is not None:
+        vmap, dec_tris, decimation = decimate_reference(p, v0, triangles, args.vertices, root=raw)
+        V = len(vmap)
 
     # ---- pass 1: levels per sequence (one task per sequence). For the deterministic splits the
     # workers also return the sequence's scaled vertices, so a single read pass suffices; the
@@ -194,9 +209,9 @@ def prepare(args: argparse.Namespace) -> Path:
     one_pass = args.split != "windows"
     scale = 1000.0 / args.mm_per_unit
     already_bad = {b["file"] for b in bad.items}
-    func = functools.partial(_sequence_stats, num_vertices=V,
+    func = functools.partial(_sequence_stats, num_vertices=V_src,
                              triangles=triangles if args.check_topology else None,
-                             lr_vertex=args.lr_vertex, scale=scale if one_pass else None)
+                             lr_vertex=args.lr_vertex, scale=scale if one_pass else None, vmap=vmap)
     dropped: list[dict] = []
     S = len(subjects)
     split_info: dict = {"kind": args.split}
@@ -259,7 +274,7 @@ def prepare(args: argparse.Namespace) -> Path:
             is_test[st: st + args.window_length] = True
         split_info.update(seed=args.seed, length=args.window_length, fraction=args.window_fraction,
                           windows=[[subjects[rows[st][1]], rows[st][2], rows[st][0].name] for st in starts])
-        read = functools.partial(_read_scaled, num_vertices=V, scale=scale)
+        read = functools.partial(_read_scaled, num_vertices=V_src, scale=scale, vmap=vmap)
         for row, test, (v, reason) in zip(rows, is_test, stream(read, [r[0] for r in rows], workers=args.workers,
                                                                  chunk=32, desc="CoMA pass 2 (shards)",
                                                                  progress=progress)):
@@ -312,7 +327,7 @@ def prepare(args: argparse.Namespace) -> Path:
             "dataset": "coma",
             "protocol": protocol,
             "seed": args.seed,
-            "num_triangles": int(len(triangles)),
+            "num_triangles": int(len(triangles) if vmap is None else len(dec_tris)),
             "units": units(args.mm_per_unit, f"CoMA metres * {1000.0 / args.mm_per_unit:g} "
                                              f"(metres / {args.mm_per_unit / 1000:g}); mm = stored * {args.mm_per_unit:g}"),
             "subjects": subjects,
@@ -329,6 +344,9 @@ def prepare(args: argparse.Namespace) -> Path:
         arrays = {"triangles": triangles.astype(np.int32),
                   "template": (v0.astype(np.float64) * scale).astype(np.float32),
                   "vertex_index_map": np.arange(V, dtype=np.int64)}
+        if vmap is not None:
+            meta["decimation"] = decimation
+            arrays.update(triangles=dec_tris, template=arrays["template"][vmap], vertex_index_map=vmap)
         path = w.finish(meta=meta, arrays=arrays, neutral=neutral)
     finish_message(path, counts, bad)
     return path

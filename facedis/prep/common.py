@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import hashlib
 import json
 import os
 import sys
@@ -348,3 +349,64 @@ natural_key = _natural_key
 def finish_message(out: Path, counts: dict, bad: BadFiles) -> None:
     parts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
     print(f"wrote {out} ({parts}); {bad.summary() if bad.items else 'no bad files'}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- decimation
+
+#: Version tag of the scripted decimation recorded in meta.json ``decimation``.
+DECIMATION_VERSION = "facedis-decimate/1"
+DECIMATION_METHOD = ("quadric edge collapse (fast_simplification) + nearest-original-vertex snap, "
+                     "deduplicated, cleaned (facedis.prep.mesh_ops.decimate)")
+_QUALITY_KEYS = ("ok", "duplicate_vertices", "unreferenced_vertices", "degenerate_triangles",
+                 "zero_area_triangles", "duplicate_triangles", "non_manifold_edges")
+
+
+def add_decimation_argument(parser: argparse.ArgumentParser) -> None:
+    """``--vertices N`` (default: no decimation) for the readers of one fixed topology."""
+    parser.add_argument("--vertices", type=int, default=None,
+                        help="decimate the reference mesh to about N vertices (scripted quadric decimation "
+                             "snapped to original vertices, as for FaceScape; the map is stored in meta.h5 "
+                             "vertex_index_map). Default: keep every vertex")
+
+
+def decimation_record(vmap: np.ndarray, tris: np.ndarray, template_vertices: np.ndarray, *, method: str,
+                      template: str, template_sha256: str, source_vertices: int, extra: dict | None = None) -> dict:
+    """meta.json ``decimation``: version, method, template file and sha256, sizes, map sha256, mesh quality."""
+    from facedis.prep import mesh_ops
+
+    vmap = np.asarray(vmap, dtype=np.int64)
+    tris = np.asarray(tris, dtype=np.int32)
+    if len(np.unique(vmap)) != len(vmap):
+        raise RuntimeError("decimation index map has repeated vertices")
+    quality = mesh_ops.mesh_quality(np.asarray(template_vertices)[vmap], tris)
+    return {
+        "version": DECIMATION_VERSION, "method": method, **(extra or {}),
+        "template": template, "template_sha256": template_sha256,
+        "source_vertices": int(source_vertices), "num_vertices": int(len(vmap)), "num_triangles": int(len(tris)),
+        "map_sha256": hashlib.sha256(vmap.astype("<i8").tobytes() + tris.astype("<i4").tobytes()).hexdigest(),
+        "quality": {k: quality[k] for k in _QUALITY_KEYS if k in quality},
+    }
+
+
+def decimate_reference(path: Path, vertices: np.ndarray, triangles: np.ndarray, target_vertices: int,
+                       root: Path | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Decimate the reference mesh ``path`` (its ``vertices``, ``triangles``) to ``target_vertices``
+    with :func:`facedis.prep.mesh_ops.decimate`. Returns (vertex_index_map (V',) int64 into the source
+    topology, triangles (F',3) int32 over the kept vertices, meta.json ``decimation`` record)."""
+    from facedis.prep import mesh_ops
+
+    if target_vertices < 4:
+        raise ValueError(f"--vertices {target_vertices}: need at least 4")
+    print(f"decimating {path} ({len(vertices)} v / {len(triangles)} f) to {target_vertices} vertices ...",
+          file=sys.stderr)
+    vmap, tris = mesh_ops.decimate(vertices, triangles, target_vertices=int(target_vertices))
+    vmap, tris = np.asarray(vmap, dtype=np.int64), np.asarray(tris, dtype=np.int32)
+    path = Path(path)
+    try:
+        name = str(path.relative_to(root)) if root is not None else str(path)
+    except ValueError:
+        name = str(path)
+    rec = decimation_record(vmap, tris, vertices, method=DECIMATION_METHOD, template=name,
+                            template_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                            source_vertices=len(vertices), extra={"target_vertices": int(target_vertices)})
+    return vmap, tris, rec

@@ -5,7 +5,9 @@ format trimesh reads) plus a CSV (``--csv``, default ``<raw>/labels.csv``; also 
 ``<raw>/index.csv``, or the only ``*.csv`` in ``<raw>``) with the header ``path,subject,expression,level,is_neutral``: ``path`` relative to the
 CSV's folder (or absolute), ``level`` in [0, 1], ``is_neutral`` one of 1/0/true/false/yes/no.
 The first mesh defines the topology; every other mesh must have the same vertex count (and, with
-``--check-topology``, the same triangles).
+``--check-topology``, the same triangles). ``--vertices N`` decimates the first mesh to about N
+vertices as FaceScape's preparation does (the map is meta.h5 ``vertex_index_map``, described in
+meta.json ``decimation``) and keeps those vertices of every mesh.
 
 Units: ``--input-units`` (m, cm or mm) and ``--mm-per-unit`` (stored = millimetres / mm_per_unit;
 default 260, CoMA's normalisation).
@@ -30,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from facedis.prep.common import (
-    BadFiles, add_common_arguments, finish_message, load_checked, loso, mean_per_subject, natural_key,
-    options_dict, stream, subject_split, units, window_test_mask
+    BadFiles, add_common_arguments, add_decimation_argument, decimate_reference, finish_message, load_checked, loso,
+    mean_per_subject, natural_key, options_dict, stream, subject_split, units, window_test_mask
 )
 from facedis.prep.meshio import MeshReadError, read_mesh
 from facedis.shards import ShardWriter
@@ -57,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--neutral-leakage", action="store_true")
     g.add_argument("--check-topology", action="store_true", help="compare every mesh's triangles with the first")
     g.add_argument("--dataset-name", default="custom")
+    add_decimation_argument(g)
 
 
 def read_index(csv_path: Path) -> list[dict]:
@@ -104,10 +107,12 @@ def _find_csv(raw: Path, csv_arg) -> Path:
     return cands[0]
 
 
-def _read(path, num_vertices, triangles, scale):
+def _read(path, num_vertices, triangles, scale, vmap=None):
     v, reason = load_checked(path, num_vertices, triangles)
     if v is None:
         return None, reason
+    if vmap is not None:
+        v = v[vmap]
     return (v.astype(np.float64) * scale).astype(np.float32), None
 
 
@@ -123,17 +128,22 @@ def prepare(args: argparse.Namespace) -> Path:
     eid = {e: i for i, e in enumerate(expressions)}
 
     # reference topology: the first readable mesh
-    v0 = tris = None
+    v0 = tris = ref = None
     for r in rows:
         try:
             v0, tris = read_mesh(r["path"], faces=True)
+            ref = r["path"]
             break
         except MeshReadError as e:
             bad.report(r["path"], "unreadable (" + str(e).split(": ", 1)[-1] + ")")
             r["bad"] = True
     if v0 is None:
         raise RuntimeError(f"{csv_path}: no readable mesh")
-    V = len(v0)
+    V = V_src = len(v0)  # V_src: the raw topology (reading and the topology check use it)
+    vmap = decimation = None
+    if getattr(args, "vertices", None) is not None:
+        vmap, dec_tris, decimation = decimate_reference(ref, v0, tris, args.vertices, root=csv_path.parent)
+        V = len(vmap)
 
     # ---- split
     if args.protocol == "seen-identity":
@@ -161,7 +171,8 @@ def prepare(args: argparse.Namespace) -> Path:
     split_info["kind"] = args.protocol
 
     scale = UNIT_MM[args.input_units] / args.mm_per_unit
-    reader = functools.partial(_read, num_vertices=V, triangles=tris if args.check_topology else None, scale=scale)
+    reader = functools.partial(_read, num_vertices=V_src, triangles=tris if args.check_topology else None, scale=scale,
+                               vmap=vmap)
     todo = [(r, t) for r, t in zip(rows, is_test) if not r.get("bad")]
     S = len(subjects)
     neu_sum = np.zeros((S, V, 3))
@@ -189,7 +200,7 @@ def prepare(args: argparse.Namespace) -> Path:
             "dataset": args.dataset_name,
             "protocol": {"loso": "leave-one-subject-out"}.get(args.protocol, args.protocol),
             "seed": args.seed,
-            "num_triangles": int(len(tris)),
+            "num_triangles": int(len(tris) if vmap is None else len(dec_tris)),
             "units": units(args.mm_per_unit, f"input {args.input_units} -> mm / {args.mm_per_unit:g}; "
                                              f"mm = stored * {args.mm_per_unit:g}"),
             "subjects": subjects,
@@ -201,6 +212,9 @@ def prepare(args: argparse.Namespace) -> Path:
         }
         arrays = {"triangles": tris.astype(np.int32), "template": (v0.astype(np.float64) * scale).astype(np.float32),
                   "vertex_index_map": np.arange(V, dtype=np.int64)}
+        if vmap is not None:
+            meta["decimation"] = decimation
+            arrays.update(triangles=dec_tris, template=arrays["template"][vmap], vertex_index_map=vmap)
         path = w.finish(meta=meta, arrays=arrays, neutral=neutral)
     finish_message(path, dict(counts), bad)
     return path

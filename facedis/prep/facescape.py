@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from facedis.prep.common import (BadFiles, add_common_arguments, finish_message, int_list, load_checked,
-                              options_dict, stream, subject_split, units)
+from facedis.prep.common import (DECIMATION_METHOD, DECIMATION_VERSION, BadFiles, add_common_arguments,
+                                 decimation_record, finish_message, int_list, load_checked, options_dict, stream,
+                                 subject_split, units)
 from facedis.prep.meshio import MeshReadError, read_mesh
 from facedis.shards import ShardWriter
 
@@ -44,7 +45,6 @@ PUBLISHABLE = (122, 212, 340, 344, 393, 395, 421, 527, 594, 610)
 NUM_VERTICES = 26317
 MM_PER_UNIT = 573.0
 DEFAULT_OUTLIERS = Path(__file__).with_name("facescape_outliers.txt")
-DECIMATION_VERSION = "facedis-decimate/1"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,24 +169,13 @@ def prepare(args: argparse.Namespace) -> Path:
     else:
         print(f"decimating {tpath} ({len(tv)} v / {len(tf)} f) to {args.target_faces} faces ...", file=sys.stderr)
         vmap, tris = mesh_ops.decimate(tv, tf, target_faces=args.target_faces)
-        info, method = {}, "quadric edge collapse (fast_simplification) + nearest-original-vertex snap, " \
-                           "deduplicated, cleaned (facedis.prep.mesh_ops.decimate)"
+        info, method = {}, DECIMATION_METHOD
     vmap = np.asarray(vmap, dtype=np.int64)
     tris = np.asarray(tris, dtype=np.int32)
-    if len(np.unique(vmap)) != len(vmap):
-        raise RuntimeError("decimation index map has repeated vertices")
-    quality = mesh_ops.mesh_quality(tv[vmap], tris)
-    decimation = {
-        "version": DECIMATION_VERSION, "method": method, **info,
-        "template": str(tpath.relative_to(raw)),
-        "template_sha256": hashlib.sha256(tpath.read_bytes()).hexdigest(),
-        "target_faces": None if method in ("none", "loaded") else args.target_faces,
-        "source_vertices": int(V0), "num_vertices": int(len(vmap)), "num_triangles": int(len(tris)),
-        "map_sha256": hashlib.sha256(vmap.astype("<i8").tobytes() + tris.astype("<i4").tobytes()).hexdigest(),
-        "quality": {k: quality[k] for k in ("ok", "duplicate_vertices", "unreferenced_vertices",
-                                            "degenerate_triangles", "zero_area_triangles",
-                                            "duplicate_triangles", "non_manifold_edges") if k in quality},
-    }
+    decimation = decimation_record(
+        vmap, tris, tv, method=method, template=str(tpath.relative_to(raw)),
+        template_sha256=hashlib.sha256(tpath.read_bytes()).hexdigest(), source_vertices=V0,
+        extra={**info, "target_faces": None if method in ("none", "loaded") else args.target_faces})
     V = len(vmap)
 
     # ---- split
