@@ -273,3 +273,38 @@ def make_custom(root: Path, *, face: dict, subjects=("alice", "bob", "carol", "d
         w.writerow(["path", "subject", "expression", "level", "is_neutral"])
         w.writerows(rows)
     return truth
+
+
+# ---- a tiny model trained on a prepared CoMA fixture (tests/test_units.py, tests/test_decimation.py) ----
+COMA_PREPARE_ARGS = ["--num-vertices", "0", "--lr-vertex", "100", "--test-period", "10", "--test-length", "2",
+                     "--workers", "1", "--progress", "0"]
+
+
+def prepare_cmd() -> list[str]:
+    """The source checkout's ``data_prep/prepare.py`` (or the module when installed)."""
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "data_prep" / "prepare.py"
+    return [sys.executable, str(script)] if script.is_file() else [sys.executable, "-m", "facedis.prep.prepare"]
+
+
+def prepare(*args) -> "subprocess.CompletedProcess":
+    import subprocess
+
+    return subprocess.run([*prepare_cmd(), *map(str, args)], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True)
+
+
+def train_tiny_coma(data: Path, run_dir: Path, **overrides):
+    """Train a tiny +ne-gt −id-dis model on a prepared CoMA data set in ``run_dir`` (CPU, seconds)."""
+    from facedis.config import Config, apply_overrides
+    from facedis.engine import train
+
+    cfg = apply_overrides(Config(), {
+        "dataset": "coma", "data.root": str(data),
+        "model.id_dim": 4, "model.exp_dim": 4, "model.width": 0.125, "model.decoder_hidden": 32,
+        "model.pointwise": "linear", "method.neutral_gt": True, "method.id_discriminator": False,
+        "pretrain.enabled": False, "train.cpu": True, "train.progress": False, "train.seed": 0,
+        "run.dir": str(run_dir), "run.artefact_dir": str(run_dir.parent / "art"), **overrides,
+    })
+    return train(cfg)

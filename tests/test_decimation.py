@@ -3,22 +3,16 @@ decimation and stored vertex map as FaceScape, and a model trained on the decima
 full-resolution meshes (reduced through the map); outputs stay at the model's resolution."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import fixtures_real as fx
+
 REPO = Path(__file__).resolve().parents[1]
-COMA_ARGS = ["--num-vertices", "0", "--lr-vertex", "100", "--test-period", "10", "--test-length", "2",
-             "--workers", "1", "--progress", "0"]
-
-
-def _prepare(*args) -> subprocess.CompletedProcess:
-    script = REPO / "data_prep" / "prepare.py"
-    cmd = [sys.executable, str(script)] if script.is_file() else [sys.executable, "-m", "facedis.prep.prepare"]
-    return subprocess.run([*cmd, *map(str, args)], cwd=REPO, capture_output=True, text=True)
+COMA_ARGS = fx.COMA_PREPARE_ARGS
+_prepare = fx.prepare
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +27,9 @@ def coma(tmp_path_factory) -> dict:
     data = base / "coma"
     r = _prepare("coma", "--raw", raw, "--out", data, "--vertices", 1000, *COMA_ARGS)
     assert r.returncode == 0, r.stderr[-3000:]
-    from facedis.config import Config, apply_overrides
-    from facedis.engine import train
-
     run_dir = base / "run"
-    cfg = apply_overrides(Config(), {
-        "dataset": "coma", "data.root": str(data),
-        "model.id_dim": 4, "model.exp_dim": 4, "model.width": 0.125, "model.decoder_hidden": 32,
-        "model.pointwise": "linear", "method.neutral_gt": True, "method.id_discriminator": False,
-        "pretrain.enabled": False, "train.epochs": 1, "train.batch_size": 16, "train.eval_every": 1,
-        "train.checkpoint_every": 1, "train.cpu": True, "train.progress": False, "train.seed": 0,
-        "run.name": "decimated", "run.dir": str(run_dir), "run.artefact_dir": str(base / "art"),
-    })
-    train(cfg)
+    fx.train_tiny_coma(data, run_dir, **{"train.epochs": 1, "train.batch_size": 16, "train.eval_every": 1,
+                                         "train.checkpoint_every": 1, "run.name": "decimated"})
     return {"raw": raw, "data": data, "run": run_dir, "face": face}
 
 

@@ -7,8 +7,6 @@ quality of the fit (a few mm of decoder noise on a 95 mm face).
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,13 +14,6 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COMA_ARGS = ["--num-vertices", "0", "--lr-vertex", "100", "--test-period", "10", "--test-length", "2",
-             "--workers", "1", "--progress", "0"]
-
-
-def _prepare_cmd() -> list[str]:
-    script = REPO / "data_prep" / "prepare.py"
-    return [sys.executable, str(script)] if script.is_file() else [sys.executable, "-m", "facedis.prep.prepare"]
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +25,12 @@ def coma_run(tmp_path_factory) -> dict:
     raw = base / "raw"
     fx.make_coma_tree(raw, face=fx.small_face(), lr_vertex=100)
     data = base / "coma"
-    r = subprocess.run([*_prepare_cmd(), "coma", "--raw", str(raw), "--out", str(data), *COMA_ARGS],
-                       cwd=REPO, capture_output=True, text=True)
+    r = fx.prepare("coma", "--raw", raw, "--out", data, *fx.COMA_PREPARE_ARGS)
     assert r.returncode == 0, r.stderr[-3000:]
-    from facedis.config import Config, apply_overrides
-    from facedis.engine import train
-
     run_dir = base / "run"
-    cfg = apply_overrides(Config(), {
-        "dataset": "coma", "data.root": str(data),
-        "model.id_dim": 4, "model.exp_dim": 4, "model.width": 0.125, "model.decoder_hidden": 32,
-        "model.pointwise": "linear", "method.neutral_gt": True, "method.id_discriminator": False,
-        "loss.recon": 5e4, "loss.neutral_recon": 5e4, "pretrain.enabled": False, "optim.lr_vae": 3e-3,
-        "train.epochs": 6, "train.batch_size": 8, "train.eval_every": 6,
-        "train.checkpoint_every": 6, "train.cpu": True, "train.progress": False, "train.seed": 0,
-        "run.name": "units", "run.dir": str(run_dir), "run.artefact_dir": str(base / "art"),
-    })
-    train(cfg)
+    fx.train_tiny_coma(data, run_dir, **{
+        "loss.recon": 5e4, "loss.neutral_recon": 5e4, "optim.lr_vae": 3e-3, "train.epochs": 6,
+        "train.batch_size": 8, "train.eval_every": 6, "train.checkpoint_every": 6, "run.name": "units"})
     plys = sorted(raw.glob("FaceTalk_1/bareteeth/*.ply")) + sorted(raw.glob("FaceTalk_2/eyebrow/*.ply"))
     return {"raw": raw, "data": data, "run": run_dir, "source": plys[12], "target": plys[-25]}
 
