@@ -22,6 +22,20 @@ reports achieved FLOP/s (``facedis.step.step_flops``) against them: ``ref-FLOP/s
 reference's FLOPs (37.5 GF/sample at CoMA, i.e. useful work per second), ``exec-FLOP/s`` the
 GEMM FLOPs the variant actually executes.
 
+The small-model shapes time the real training loop instead (``facedis/train.py``, plain python,
+steady-state steps/s of epoch 2 of 3, no evaluation, no D pretraining), on a synthetic data set
+prepared once for the run:
+
+- ``demo``      — the README demo: ``configs/synth.yaml`` as shipped (V=300, batch 32);
+- ``coma-slim`` — the same slim model at the CoMA vertex count (V=5023, batch 16).
+
+``--against DIR`` runs the same loop in another checkout (e.g. an older commit in a
+``git worktree``) with the same model, data, batch, threads and allocator, interleaved round by
+round, and prints the ratio: the side-by-side comparison the speed figures in
+benchmarks/results-cpu.md are made with.
+
+    python benchmarks/step.py --shapes demo,coma-slim,coma                      # all three
+    git worktree add /tmp/old <commit> && python benchmarks/step.py --shapes demo,coma-slim --against /tmp/old
     python benchmarks/step.py                 # full run (CPU: B=8; GPU: B=32)
     python benchmarks/step.py --quick         # sanity run (small steps, one round)
     python benchmarks/step.py --json out.json # also write the raw numbers
@@ -36,16 +50,24 @@ import os
 import platform
 import resource
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FLAME = ROOT.parent / "shared" / "data" / "flame2023_open" / "basis.npz"
 SHAPES = {"coma": dict(V=5023, d=4), "facescape": dict(V=4547, d=64)}
+LOOP_SHAPES = {  # the training loop on the demo preset's model; prepare: synth data set options
+    "demo": dict(V=300, B=32, prepare=["--subjects", "400", "--per-subject", "4", "--vertices", "300"]),
+    "coma-slim": dict(V=5023, B=16, prepare=["--subjects", "60", "--per-subject", "4", "--vertices", "5023"]),
+}
+DEMO_PRESET = ROOT / "configs" / "synth.yaml"
 HUGETLB = "glibc.malloc.hugetlb=1"
 
 
@@ -182,6 +204,89 @@ def run_variant(shape: str, variant: str, B: int, steps: int, warmup: int, devic
 
 
 # ---------------------------------------------------------------------------------------------
+# the training loop on a small model (demo, coma-slim), in this checkout or another one
+# ---------------------------------------------------------------------------------------------
+def preset_overrides(preset: Path, batch: int) -> list[str]:
+    """The demo preset's model, method, loss and fast-path settings as ``--key=value`` overrides,
+    so another checkout trains exactly the same model (its own preset may differ)."""
+    import yaml
+
+    data = yaml.safe_load(preset.read_text())
+    out = []
+    for section in ("model", "method", "loss"):
+        for key, value in (data.get(section) or {}).items():
+            out.append(f"--{section}.{key}={json.dumps(value) if isinstance(value, list) else value}")
+    out.append(f"--train.fast={data.get('train', {}).get('fast', False)}")
+    out.append(f"--train.batch_size={batch}")
+    return out
+
+
+def tree_env(tree: Path) -> dict:
+    """Environment that makes ``import facedis`` resolve to ``tree`` (ahead of any installed copy)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(tree), env.get("PYTHONPATH", "")) if x)
+    env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
+def prepare_loop_data(tree: Path, shape: str, out: Path) -> Path:
+    """The shape's synthetic data set, prepared by ``tree``'s own preparation code."""
+    root = out / f"data-{shape}-{tree.name}"
+    if not (root / "meta.json").is_file():
+        cmd = [sys.executable, "-m", "facedis.prep.prepare", "synth", *LOOP_SHAPES[shape]["prepare"],
+               "--frames-per-sequence", "4", "--seed", "0", "--protocol", "unseen-identity", "--out", str(root)]
+        p = subprocess.run(cmd, cwd=tree, env=tree_env(tree), capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"data preparation in {tree} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return root
+
+
+def run_loop(tree: Path, shape: str, data: Path, steps: int, out: Path, threads: Optional[int]) -> dict:
+    """Steady-state steps/s of ``tree``'s training loop: epoch 2 of 3 (epoch 1 warms up)."""
+    B = LOOP_SHAPES[shape]["B"]
+    run_dir = out / f"run-{shape}-{tree.name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, str(tree / "facedis" / "train.py"), "--config", str(tree / "configs" / "synth.yaml"),
+           *preset_overrides(DEMO_PRESET, B), f"--data.root={data}", f"--run.dir={run_dir}",
+           "--train.epochs=3", f"--train.max_steps_per_epoch={steps}", "--train.eval_every=1000",
+           "--pretrain.enabled=false", "--train.progress=false", "--run.tensorboard=false"]
+    env = tree_env(tree)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    p = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{shape} training loop in {tree} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rate = (lines[1]["global_step"] - lines[0]["global_step"]) / lines[1]["time/epoch_s"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"steps_per_s": rate, "samples_per_s": rate * B, "B": B}
+
+
+def loop_benchmark(shapes: list[str], against: Optional[Path], rounds: int, steps: dict, threads) -> list[dict]:
+    """Interleaved rounds of this checkout's (and ``against``'s) training loop per shape."""
+    trees = [("facedis", ROOT)] + ([("against", against)] if against else [])
+    rates: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="facedis-step-") as tmp:
+        data = {(shape, name): prepare_loop_data(tree, shape, Path(tmp)) for shape in shapes for name, tree in trees}
+        for r in range(rounds):
+            for shape in shapes:
+                for name, tree in trees:
+                    res = run_loop(tree, shape, data[shape, name], steps[shape], Path(tmp), threads)
+                    rates.setdefault((shape, name), []).append(res["samples_per_s"])
+                    print(f"#   round {r + 1} {shape:9s} {name:8s} {res['steps_per_s']:7.2f} steps/s "
+                          f"({res['samples_per_s']:.1f} samples/s)", flush=True)
+    rows = []
+    for shape in shapes:
+        mine = statistics.median(rates[shape, "facedis"])
+        row = dict(shape=shape, B=LOOP_SHAPES[shape]["B"], samples_per_s=mine, raw=rates[shape, "facedis"])
+        if against:
+            theirs = statistics.median(rates[shape, "against"])
+            row.update(against_samples_per_s=theirs, speedup=mine / theirs, against_raw=rates[shape, "against"])
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # parent
 # ---------------------------------------------------------------------------------------------
 def variant_flops(shape: str, variant: str, B: int) -> tuple[float, float]:
@@ -206,7 +311,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per subprocess (default 3; quick 1)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; quick 1)")
-    ap.add_argument("--shapes", default=None, help="comma list of coma,facescape")
+    ap.add_argument("--shapes", default=None, help="comma list of coma,facescape (step variants) and "
+                    "demo,coma-slim (training loop)")
+    ap.add_argument("--against", type=Path, default=None,
+                    help="another checkout (e.g. a git worktree of an older commit): time its training loop "
+                         "on the demo/coma-slim shapes side by side and print the ratio")
+    ap.add_argument("--loop-steps", default="demo=100,coma-slim=6",
+                    help="steps per epoch of the training-loop shapes (default demo=100,coma-slim=6)")
     ap.add_argument("--variants", default=None, help="comma list (default faithful,fast-fp32[,fast-bf16])")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: all)")
     ap.add_argument("--no-hugetlb", action="store_true", help="do not re-exec with GLIBC_TUNABLES=" + HUGETLB)
@@ -236,6 +347,13 @@ def main(argv=None) -> int:
     steps = args.steps or (1 if args.quick else 3)
     rounds = args.rounds or (1 if args.quick else 2)
     shapes = (args.shapes or ("coma" if args.quick else "coma,facescape")).split(",")
+    unknown = [x for x in shapes if x not in SHAPES and x not in LOOP_SHAPES]
+    if unknown:
+        ap.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES) + sorted(LOOP_SHAPES)}")
+    loop_shapes = [x for x in shapes if x in LOOP_SHAPES]
+    shapes = [x for x in shapes if x in SHAPES]
+    if args.against is not None and not (args.against / "facedis" / "train.py").is_file():
+        ap.error(f"--against {args.against}: not a facedis checkout (no facedis/train.py)")
     bf16_ok = cuda or cpu_has_bf16()
     default_variants = "faithful,fast-fp32" + (",fast-bf16" if bf16_ok else "")
     variants = (args.variants or default_variants).split(",")
@@ -253,6 +371,15 @@ def main(argv=None) -> int:
     if bf16_ok:
         peaks["bf16"] = matmul_peak(device, "bf16", n, 5 if args.quick else 10)
     print("# matmul peak (n=%d): " % n + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
+
+    loop_rows = []
+    if loop_shapes:
+        loop_steps = dict(kv.split("=") for kv in args.loop_steps.split(","))
+        print(f"# training loop: plain python facedis/train.py, demo preset model, epoch 2 of 3, steps per epoch "
+              f"{ {k: int(v) for k, v in loop_steps.items() if k in loop_shapes} }, {rounds} interleaved rounds"
+              + (f", against {args.against}" if args.against else ""))
+        loop_rows = loop_benchmark(loop_shapes, args.against.resolve() if args.against else None, rounds,
+                                   {k: int(loop_steps[k]) for k in loop_shapes}, args.threads)
 
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(rounds):
@@ -279,7 +406,8 @@ def main(argv=None) -> int:
     hdr = (f"{'shape':9s} {'variant':10s} {'samples/s':>10s} {'speed-up':>9s} {mem_name + ' GiB':>13s} {'mem ratio':>9s} "
            f"{'step-RSS GiB':>12s} {'ref-GFLOP/s':>11s} {'exec-GFLOP/s':>12s} {'% fp32 pk':>9s}"
            + (f" {'% bf16 pk':>9s}" if "bf16" in peaks else ""))
-    print(hdr)
+    if shapes:
+        print(hdr)
     summary = []
     for shape in shapes:
         base = results.get((shape, "faithful"))
@@ -306,13 +434,20 @@ def main(argv=None) -> int:
             print(f"{shape:9s} {variant:10s} {sps:10.2f} {fmt(row['speedup']):>9s} {mem:13.2f} {fmt(row['mem_ratio']):>9s} "
                   f"{step_mem:12.2f} {ref_fs / 1e9:11.1f} {exec_fs / 1e9:12.1f} {row['pct_fp32']:8.1f}%"
                   + (f" {row['pct_bf16']:8.1f}%" if row["pct_bf16"] is not None else ""))
+    if loop_rows:
+        print()
+        print(f"{'shape':9s} {'B':>3s} {'samples/s':>10s}" + (f" {'against':>10s} {'ratio':>7s}" if args.against else ""))
+        for row in loop_rows:
+            print(f"{row['shape']:9s} {row['B']:3d} {row['samples_per_s']:10.1f}"
+                  + (f" {row['against_samples_per_s']:10.1f} {row['speedup']:6.2f}x" if args.against else ""))
     print()
     for row in summary:
         if row["variant"] != "faithful" and row["speedup"] is not None:
             print(f"{row['shape']} {row['variant']} vs faithful: speed-up {row['speedup']:.2f}x, "
                   f"{mem_name} {row['mem_ratio']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(device=device, B=B, peaks=peaks, summary=summary,
+        Path(args.json).write_text(json.dumps(dict(device=device, B=B, peaks=peaks, summary=summary, loop=loop_rows,
+                                                   against=str(args.against) if args.against else None,
                                                    tunables=os.environ.get("GLIBC_TUNABLES", "")), indent=1))
     return 0
 

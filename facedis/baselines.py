@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from facedis.components import OpenRun, open_run, pointwise_mode
+from facedis.components import OpenRun, adam, open_run, pointwise_mode
 from facedis.config import Config, ConfigError, config_to_dict
 from facedis.curves import write_run_curves
 from facedis.distributed import mix_seed
@@ -376,7 +376,7 @@ class _BaselineRun:
                                     encoder_channels=cfg.model.encoder_channels or None,
                                     decoder_hidden=cfg.model.decoder_hidden, pointwise=pointwise_mode(cfg)).to(dev)
         o = cfg.optim
-        opt = torch.optim.Adam(model.parameters(), lr=o.lr_vae, weight_decay=o.weight_decay_vae)
+        opt = adam(model.parameters(), lr=o.lr_vae, weight_decay=o.weight_decay_vae)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o.lr_step_epochs, gamma=o.lr_gamma)
         rt.add_optimizer(opt)
         weight = cfg.loss.neutral_recon if cfg.loss.neutral_recon > 0 else cfg.loss.recon

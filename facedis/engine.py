@@ -38,6 +38,7 @@ from facedis import step as steps
 from facedis.baselines import run_baseline
 from facedis.components import (
     OpenRun,
+    adam,
     build_models,
     offset_scale,
     open_run,
@@ -262,7 +263,7 @@ def train_discriminator(cfg: Config, rt: Runtime, data) -> tuple[dict, list]:
     torch.manual_seed(mix_seed(pc.seed, 11))  # same D init on every rank
     _, disc = build_models(cfg, data.num_vertices, with_disc=True, disc_use_bn=pc.use_bn)
     disc, disc_train = rt.prepare(disc)
-    opt = torch.optim.Adam(disc.parameters(), lr=pc.lr)
+    opt = adam(disc.parameters(), lr=pc.lr)
     rt.add_optimizer(opt)
     torch.manual_seed(mix_seed(pc.seed, 13, rt.rank))
     ds = PairDataset(cfg.data.root, cfg.data.train_split, seed=pc.seed)
@@ -360,11 +361,11 @@ def build_joint(cfg: Config, rt: Runtime, data, disc_state: Optional[dict]) -> J
     if disc is not None:
         disc, disc_train = rt.prepare(disc)
     o = cfg.optim
-    opt_vae = torch.optim.Adam(vae.parameters(), lr=o.lr_vae, weight_decay=o.weight_decay_vae)
+    opt_vae = adam(vae.parameters(), lr=o.lr_vae, weight_decay=o.weight_decay_vae)
     sched_vae = torch.optim.lr_scheduler.StepLR(opt_vae, step_size=o.lr_step_epochs, gamma=o.lr_gamma)
     rt.add_optimizer(opt_vae)
     if disc is not None:
-        opt_disc = torch.optim.Adam(disc.parameters(), lr=o.lr_disc)
+        opt_disc = adam(disc.parameters(), lr=o.lr_disc)
         sched_disc = torch.optim.lr_scheduler.StepLR(opt_disc, step_size=o.lr_step_epochs, gamma=o.lr_gamma)
         rt.add_optimizer(opt_disc)
     fid = step_fidelity(cfg, rt.world)

@@ -308,3 +308,64 @@ def test_fused_flop_model():
                        fused_pointwise=True)
     assert fused["per_sample"] < 0.4 * ref["per_sample"]
     assert step_flops(5023, 8, 4, 4)["per_sample"] / 1e9 == pytest.approx(37.52, abs=0.005)
+
+
+# ---- small-model speed-ups: same values and gradients ------------------------------------------
+def test_max_over_points_matches_amax_with_ties():
+    """The lean max-pool gives amax's values and gradients bit for bit, ties included (a duplicated
+    point and a channel that is 0 everywhere after the ReLU)."""
+    from facedis.model import max_over_points
+
+    torch.manual_seed(0)
+    h = torch.relu(torch.randn(4, 50, 8, dtype=torch.float64))
+    h[0, 5] = h[0, 7] = h[0].amax(dim=0) + 1.0  # a duplicated point that is the maximum
+    h[1, :, 3] = 0.0
+    h.requires_grad_()
+    g = torch.randn(4, 8, dtype=torch.float64)
+    ref, = torch.autograd.grad(h.amax(dim=1), h, g)
+    ours, = torch.autograd.grad(max_over_points(h), h, g)
+    assert torch.equal(max_over_points(h), h.amax(dim=1))
+    assert torch.equal(ours, ref)
+    assert ours[0, 5].abs().sum() > 0 and torch.equal(ours[0, 5], ours[0, 7])  # the tie is split evenly
+
+
+@pytest.mark.parametrize("channels,use_bn,fuses", [
+    ([6, 64, 128, 128], True, False),  # a slim encoder's 128 -> 128 layer with BN: not fused
+    ([6, 64, 128, 1024], True, True),  # the paper's 128 -> 1024 layer
+    ([6, 8, 16, 128], False, True),  # a D without BN: always fused
+    ([6, 64, 128, 128], False, True),
+])
+def test_fused_layer_only_where_it_saves_work(channels, use_bn, fuses):
+    mlp = PointwiseMLP(channels, use_bn=use_bn, pointwise="fused")
+    assert mlp.fusing_pays() is fuses
+    ref = copy.deepcopy(mlp).double()
+    ref.pointwise = "linear"
+    mlp = mlp.double()
+    x = torch.randn(3, 40, channels[0], dtype=torch.float64, requires_grad=True)
+    y_ref, y = ref(x), mlp(x)
+    assert torch.allclose(y, y_ref, atol=1e-10)
+    g = torch.randn_like(y)
+    gx_ref, = torch.autograd.grad(y_ref, x, g)
+    gx, = torch.autograd.grad(y, x, g)
+    assert torch.allclose(gx, gx_ref, atol=1e-10)
+
+
+def test_adam_multi_tensor_update_is_bit_identical():
+    """``components.adam`` (foreach) gives the per-parameter loop's updates exactly."""
+    from facedis.components import adam
+
+    def run(make):
+        torch.manual_seed(0)
+        model = DisentanglingVAE(30, 4, 4, width=0.125)
+        opt = make(model.parameters())
+        x = torch.randn(6, 30, 3)
+        for _ in range(5):
+            opt.zero_grad()
+            out = model(x)
+            (out.recon.pow(2).mean() + out.mu_id.pow(2).mean()).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    loop = run(lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-4, foreach=False))
+    multi = run(lambda p: adam(p, lr=1e-3, weight_decay=1e-4))
+    assert all(torch.equal(a, b) for a, b in zip(loop, multi))
