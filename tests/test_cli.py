@@ -334,6 +334,9 @@ def _check_documented(command: str, argv: list[str]) -> None:
         from facedis.cluster import submit
 
         _, args = submit.parse_args(argv)
+        if args.sweep:  # a Ray Tune sweep job: its own checks, the tune options by tune's parser
+            submit.validate_sweep_args(args)
+            return
         if args.grid and args.grid.startswith("sweep:"):
             d = Path(args.grid[len("sweep:"):])
             d.mkdir(parents=True, exist_ok=True)

@@ -125,7 +125,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 submitit_handler(preempt_sig, None)
             # SIGTERM from Slurm (scancel, scontrol requeue, preemption): the engine saved a checkpoint.
             # Write no result (the job is not finished): wait to be killed, or for a preemption signal.
-            _wait_to_be_killed()
+            wait_to_be_killed()
             return None  # pragma: no cover - only reached if nobody kills us
         finally:
             if preempt_sig is not None and callable(submitit_handler):
@@ -163,7 +163,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob(self.cpu, self.threads), spec)
 
 
-def _wait_to_be_killed(limit_s: float = 120.0) -> None:
+def wait_to_be_killed(limit_s: float = 120.0) -> None:
+    """A job that Slurm is cancelling, requeueing or preempting: write no result, wait for SIGKILL."""
     sys.stdout.flush()
     sys.stderr.flush()
     deadline = time.time() + limit_s

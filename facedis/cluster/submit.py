@@ -5,6 +5,8 @@
     facedis submit --grid ablation --seeds 0 1 2 --gpus-per-node 1 --partition gpu --time 12:00:00
     facedis submit --grid sweep:sweeps/results/coma-20260101-120000 --seeds 0 1 2 ...
     facedis submit --config synth --seeds 0 --cluster local --gpus-per-node 0 --train.epochs=2
+    facedis submit --sweep coma --nodes 2 --gpus-per-node 4 --cpus-per-task 32 --time 24:00:00 \\
+        -- --num-samples 64 --gpus-per-trial 0.5
 
 (``python launch/submit.py ...`` in a source checkout is the same command.) Needs submitit:
 ``pip install 'facedis[cluster]'``. ``--config`` takes YAML files or shipped preset names; config
@@ -22,6 +24,12 @@ bad one exits with status 2 before anything is created or submitted.
 
 Jobs are checkpointable: on preemption/timeout submitit requeues them and the engine resumes from
 ``<run.dir>/checkpoints/last``. Multi-GPU/multi-node jobs run one task per GPU under DDP.
+
+``--sweep <data set or preset>`` submits a Ray Tune sweep instead: one job with one task per node that
+starts a Ray cluster in the allocation and runs ``facedis tune`` on it (the options after ``--``;
+``facedis/cluster/ray_sweep.py``). It lands in ``<runs-root>/<name>/`` (``--grid-name``, default
+``tune-<data set or preset>``); resubmitting the same command resumes an unfinished sweep, and a
+requeued job resumes it by itself.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ submitit = require("submitit", "cluster", "facedis submit/status")
 
 from facedis.cluster.grids import GridEntry, apply_grid_modes, configs_as_grid, resolve_grid  # noqa: E402
 from facedis.cluster.job import RunSpec, TrainJob, probe_distributed, read_final_metrics  # noqa: E402
+from facedis.cluster.ray_sweep import (RESERVED_TUNE_OPTIONS, RaySweepJob, SweepSpec, atomic_write,  # noqa: E402
+                                       describe, finished_path, read_json, request_path, sweep_out)
 
 # Values written into the sbatch script by submitit must be plain tokens (no spaces, quotes, newlines).
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.,:@%+=/\[\]-]+$")
@@ -210,12 +220,14 @@ def executor_parameters(cluster: str = "slurm", *, nodes: int = 1, gpus_per_node
                         tasks_per_node: int | None = None, cpus_per_task: int | None = None,
                         mem_gb: float | None = None, partition: str | None = None, timeout_min: int = 60,
                         signal_delay_s: int = 120, array_parallelism: int = 256, max_timeouts: int = 3,
-                        job_name: str = "facedis", slurm_extra: dict[str, str] | None = None) -> dict[str, Any]:
+                        job_name: str = "facedis", slurm_extra: dict[str, str] | None = None,
+                        one_task_per_node: bool = False) -> dict[str, Any]:
     """Validate the resources of a submission; return the parameters for ``executor.update_parameters``.
 
     Pure: raises ``ValueError`` for an unknown cluster, a bad count, a GPU job with a task count that
     is not one per GPU, an unknown or duplicated ``--slurm`` key, or a value that is not a plain token
     (it would be written into the sbatch script). Slurm-only values are checked on every cluster.
+    ``one_task_per_node`` (Ray sweeps): one task holds all of its node's GPUs and CPUs.
     """
     if cluster not in ("slurm", "local", "debug"):
         raise ValueError(f"cluster must be slurm, local or debug, got {cluster!r}")
@@ -231,8 +243,10 @@ def executor_parameters(cluster: str = "slurm", *, nodes: int = 1, gpus_per_node
     _count(signal_delay_s, "--signal-delay-s", 0)
     _count(array_parallelism, "--array-parallelism", 1)
     _count(max_timeouts, "--max-timeouts", 0)
-    tasks = tasks_per_node or max(1, gpus_per_node)
-    if gpus_per_node and tasks != gpus_per_node:
+    tasks = 1 if one_task_per_node else tasks_per_node or max(1, gpus_per_node)
+    if one_task_per_node and tasks_per_node not in (None, 1):
+        raise ValueError(f"one task per node: tasks_per_node={tasks_per_node}; drop --tasks-per-node")
+    if gpus_per_node and tasks != gpus_per_node and not one_task_per_node:
         raise ValueError(f"one task per GPU: tasks_per_node={tasks} but gpus_per_node={gpus_per_node}; "
                          "drop --tasks-per-node")
     params: dict[str, Any] = {
@@ -304,8 +318,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--config", nargs="+", default=[],
                    help="config file(s) or shipped preset name(s); with --grid, the grid's modes are applied to each")
     g.add_argument("--grid", help="named grid (facedis/cluster/grids.py: ablation, paper, synth-ablation, ...) or sweep:<dir>")
-    g.add_argument("--grid-name", help="directory under --runs-root (default: the grid name, or the config's stem)")
-    g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
+    g.add_argument("--sweep", metavar="DATASET|PRESET",
+                   help="submit a Ray Tune sweep of this data set (synth, coma, bu3dfe, facescape) or preset: one job, "
+                        "a Ray cluster over its nodes, `facedis tune` on it; tune options go after --")
+    g.add_argument("--grid-name", help="directory under --runs-root (default: the grid name, or the config's stem; "
+                                       "with --sweep: tune-<data set or preset>[-smoke])")
+    g.add_argument("--seeds", type=int, nargs="+", default=None, help="one run per seed (default: 0)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every run, the same as --KEY=VALUE, e.g. --train.epochs=10 (repeatable)")
     g.add_argument("--runs-root", default="runs", help="root of the run directories (default: runs)")
@@ -324,6 +342,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("--array-parallelism", type=int, default=256, help="max simultaneously running array tasks")
     r.add_argument("--slurm", dest="slurm_extra", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
                    help="any other submitit slurm_* parameter, e.g. --slurm account=abc --slurm qos=high")
+    r.add_argument("--ray-join-timeout-s", type=float, default=300.0,
+                   help="--sweep: seconds the head waits for every node's Ray to join before the job fails (default 300)")
     b = p.add_argument_group("behaviour")
     b.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
                    help="wait for the jobs and print their results (default: yes for local/debug, no for slurm)")
@@ -366,6 +386,10 @@ def validate_args(args) -> tuple[dict[str, Any], str | None, list[GridEntry]]:
     Returns (executor keywords, grid name, grid entries); the grid is ``(None, [])`` for ``--probe``.
     Raises ``ValueError`` naming the bad argument. Needs no scheduler and no submitit executor.
     """
+    if getattr(args, "tune_args", None):
+        raise ValueError(f"options after -- ({' '.join(args.tune_args)}) are facedis tune options: only with --sweep")
+    if args.seeds is None:
+        args.seeds = [0]
     resources = _resources(args)
     executor_parameters(args.cluster, **resources)
     if args.probe:
@@ -407,11 +431,18 @@ def _wait_all(jobs: list, specs: list[RunSpec]) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None):
-    """(parser, options); ``--section.key=value`` words are config overrides, appended to ``--set``."""
+    """(parser, options); ``--section.key=value`` words are config overrides, appended to ``--set``.
+    Words after ``--`` are ``facedis tune`` options (``--sweep``), in ``args.tune_args``."""
     from facedis.config import ConfigError, split_cli_overrides
 
     parser = build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tune_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, tune_args = argv[:cut], argv[cut + 1:]
     args, rest = parser.parse_known_args(argv)
+    args.tune_args = tune_args
     try:
         args.overrides = [*args.overrides, *split_cli_overrides(rest)]
     except ConfigError as e:
@@ -419,8 +450,131 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None):
     return parser, args
 
 
+# --------------------------------------------------------------------------------------------
+# Ray Tune sweeps (--sweep): one job, one task per node, facedis/cluster/ray_sweep.py
+
+
+def sweep_target(target: str) -> tuple[str, list[str]]:
+    """``--sweep`` value -> (directory stem, ``facedis tune`` options selecting it).
+
+    A data set with a search space (``synth``, ``coma``, ...) -> ``--dataset <it>``; otherwise a preset
+    (shipped name or YAML file) -> ``--dataset <its data set> --config <its absolute path>``.
+    """
+    from facedis.config import ConfigError, load_config, resolve_preset
+    from facedis.sweeps import spaces
+
+    if target in spaces.SPACES:
+        return target, ["--dataset", target]
+    try:
+        path = Path(resolve_preset(target)).resolve()
+        dataset = load_config(path).dataset
+    except (ConfigError, OSError, ValueError) as e:
+        raise ValueError(f"--sweep {target!r}: neither a data set ({', '.join(sorted(spaces.SPACES))}) "
+                         f"nor a preset that loads ({e})") from None
+    if dataset not in spaces.SPACES:
+        raise ValueError(f"--sweep {target!r}: its data set {dataset!r} has no search space "
+                         f"(sweepable: {', '.join(sorted(spaces.SPACES))})")
+    return path.stem, ["--dataset", dataset, "--config", str(path)]
+
+
+def validate_sweep_args(args, prog: str | None = None) -> tuple[dict[str, Any], str, list[str]]:
+    """Check a ``--sweep`` submission before anything is created or submitted (pure; no Slurm needed).
+
+    Returns (executor keywords, sweep directory name, ``facedis tune`` options). Raises ``ValueError``
+    naming the bad argument; the ``facedis tune`` options are parsed by its own parser (which exits
+    with status 2 on an unknown or malformed option).
+    """
+    from facedis.sweeps import tune
+
+    if args.cluster != "slurm":
+        raise ValueError("--sweep starts Ray on a Slurm allocation: --cluster slurm (on this machine run facedis tune)")
+    for given, what in ((args.config, "--config"), (args.grid, "--grid"), (args.probe, "--probe"),
+                        (args.seeds is not None, "--seeds"), (args.tasks_per_node is not None, "--tasks-per-node")):
+        if given:
+            raise ValueError(f"--sweep and {what} do not go together: a sweep is one Ray job, one task per node")
+    if args.cpus_per_task is None:
+        raise ValueError("--sweep needs --cpus-per-task: the CPUs Ray may use on each node")
+    if not (isinstance(args.ray_join_timeout_s, (int, float)) and args.ray_join_timeout_s > 0):
+        raise ValueError(f"--ray-join-timeout-s must be positive, got {args.ray_join_timeout_s!r}")
+    resources = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                     mem_gb=args.mem_gb, partition=args.partition, timeout_min=args.time,
+                     signal_delay_s=args.signal_delay_s, max_timeouts=args.max_timeouts,
+                     slurm_extra=dict(args.slurm_extra), one_task_per_node=True)
+    executor_parameters("slurm", **resources)
+    for word in args.tune_args:
+        opt = word.split("=", 1)[0]
+        if opt in RESERVED_TUNE_OPTIONS:
+            raise ValueError(f"{opt} after --: the sweep job sets it (the job's own Ray head; output in the run "
+                             "directory; resuming is automatic)")
+        if opt in ("--dataset", "--config"):
+            raise ValueError(f"{opt} after --: give the data set or preset as --sweep")
+    stem, target = sweep_target(args.sweep)
+    tune_argv = [*target, *(f"--set={o}" for o in args.overrides), *args.tune_args]
+    ns = tune.parse_args(list(tune_argv), prog=f"{prog or 'facedis submit'} --sweep {args.sweep} --")
+    cpus, gpus = ns.cpus_per_trial, ns.gpus_per_trial
+    if cpus is not None and cpus > args.cpus_per_task:
+        raise ValueError(f"--cpus-per-trial {cpus:g} > --cpus-per-task {args.cpus_per_task}: no node could run a trial")
+    if gpus is not None and gpus > args.gpus_per_node:
+        raise ValueError(f"--gpus-per-trial {gpus:g} > --gpus-per-node {args.gpus_per_node}: no node could run a trial")
+    name = safe_token(args.grid_name or f"tune-{stem}{'-smoke' if ns.smoke_test else ''}", "sweep name")
+    return resources, name, tune_argv
+
+
+def submit_sweep(parser: argparse.ArgumentParser, args, prog: str | None = None) -> int:
+    """``--sweep``: validate, skip a finished or running sweep, submit one :class:`RaySweepJob`."""
+    try:
+        resources, name, tune_argv = validate_sweep_args(args, prog)
+    except ValueError as e:
+        parser.error(str(e))  # exit status 2; nothing was created or submitted
+    run_dir = (Path(args.runs_root) / name).resolve()
+    request = {"sweep": args.sweep, "tune_argv": tune_argv}
+    old = read_json(request_path(run_dir))
+    if old is not None and old.get("tune_argv") != tune_argv:
+        parser.error(f"{run_dir} holds a sweep submitted with other options ({' '.join(old.get('tune_argv', []))}); "
+                     "submit the same options to resume it, or give --grid-name for a new sweep")
+    spec = SweepSpec(name=name, run_dir=str(run_dir), tune_argv=tune_argv, nodes=args.nodes,
+                     cpus_per_node=args.cpus_per_task, gpus_per_node=args.gpus_per_node, cwd=str(Path.cwd()),
+                     join_timeout_s=float(args.ray_join_timeout_s),
+                     stop_grace_s=float(max(5, min(60, args.signal_delay_s // 2))))
+    print(f"sweep {name}: {describe(spec)}")
+    if finished_path(run_dir).is_file() and not args.force:
+        print(f"skip    {name}: finished ({finished_path(run_dir)} exists); nothing to submit")
+        return 0
+    rec = latest_jobs(run_dir).get(str(run_dir))
+    if rec and not args.force and rec.get("cluster") == "slurm":
+        state = job_state(rec)
+        if state.split()[0] in IN_FLIGHT:
+            print(f"skip    {name}: job {rec['job_id']} is {state}")
+            return 0
+    if args.dry_run:
+        print(f"would   submit the sweep -> {sweep_out(run_dir)}")
+        return 0
+    folder = run_dir / ".submitit" / "%j"
+    ex = make_executor(folder, "slurm", job_name=f"facedis-{name}", **resources)  # needs srun
+    atomic_write(request_path(run_dir), json.dumps(request, indent=2))
+    job = ex.submit(RaySweepJob(), spec)
+    _append_manifest(run_dir, [{
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cluster": "slurm", "kind": "sweep", "job_id": str(job.job_id),
+        "folder": str(folder), "run_dir": str(run_dir), "label": name, "sweep": args.sweep, "tune_argv": tune_argv,
+        "nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "cpus_per_task": args.cpus_per_task,
+    }])
+    print(f"submit  {name}  job {job.job_id}  -> {sweep_out(run_dir)}")
+    print(f"logs: {run_dir / '.submitit'}   status: facedis status {run_dir}")
+    if args.wait:
+        try:
+            res = job.results()[0]
+        except Exception as e:  # FailedJobError, UncompletedJobError
+            msg = str(e).strip().splitlines()
+            print(f"FAILED  {name}  job {job.job_id}: {msg[-1] if msg else type(e).__name__}")
+            return 1
+        print(f"done    {name}  job {job.job_id}  {res.get('done')} trials done, {res.get('failed')} failed")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser, args = parse_args(argv, prog)
+    if args.sweep:
+        return submit_sweep(parser, args, prog)
     try:
         resources, grid, entries = validate_args(args)
     except ValueError as e:
