@@ -293,6 +293,9 @@ def _coerce(value: Any, tp, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes/off/on as a boolean
+            value = next((w for w in (("yes", "on", "true") if value else ("no", "off", "false")) if w in choices),
+                         value)
         if value in choices:
             return value
         raise ConfigError(f"{key}: {value!r} is not valid; choose {_describe(tp)}")

@@ -136,3 +136,12 @@ def test_apply_overrides_python_api():
     assert cfg.loss.recon == 600.0 and cfg.train.precision == "bf16"
     with pytest.raises(ConfigError, match="valid"):
         apply_overrides(Config(), {"train.nope": 1})
+
+
+def test_bare_no_is_a_precision_not_a_boolean(tmp_path):
+    """YAML 1.1 reads ``no`` as False; a choice field that has the word takes it back."""
+    cfg = load_config("synth", ["train.precision=no"])
+    assert cfg.train.precision == "no"
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  precision: no\n")
+    assert load_config(p).train.precision == "no"
