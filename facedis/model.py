@@ -112,15 +112,6 @@ class PointwiseMLP(nn.Module):
             if use_bn:
                 setattr(self, f"bn{i + 1}", nn.BatchNorm1d(channels[i + 1]))
 
-    def fusing_pays(self) -> bool:
-        """Whether ``pointwise="fused"`` fuses the last layer: always without BN (the fused backward
-        needs no GEMM); with BN only when the layer widens (C_out > C_in), because the BN
-        statistics then come from a (C_in × C_in) covariance in the forward and a
-        (B·V, C_in) × (C_in, C_in) correction in the backward, which costs as much as the two
-        backward GEMMs it replaces once C_out ≤ C_in (e.g. a 128 → 128 slim encoder)."""
-        c_out, c_in = getattr(self, f"conv{self.num_layers}").weight.shape[:2]
-        return not self.use_bn or c_out > c_in
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, V, C_0) points-major -> pooled features (B, C_k)."""
         B, V, _ = x.shape
@@ -133,7 +124,7 @@ class PointwiseMLP(nn.Module):
                 h = F.relu(h)
             return h.amax(dim=2)
         h = x.reshape(B * V, -1)  # (B*V, C): the same GEMMs without the transposes
-        fused = self.pointwise == "fused" and self.num_layers >= 1 and self.fusing_pays()
+        fused = self.pointwise == "fused" and self.num_layers >= 1
         last = self.num_layers - 1 if fused else self.num_layers
         for i in range(1, last + 1):
             conv = getattr(self, f"conv{i}")

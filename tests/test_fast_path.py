@@ -329,27 +329,6 @@ def test_max_over_points_matches_amax_with_ties():
     assert ours[0, 5].abs().sum() > 0 and torch.equal(ours[0, 5], ours[0, 7])  # the tie is split evenly
 
 
-@pytest.mark.parametrize("channels,use_bn,fuses", [
-    ([6, 64, 128, 128], True, False),  # a slim encoder's 128 -> 128 layer with BN: not fused
-    ([6, 64, 128, 1024], True, True),  # the paper's 128 -> 1024 layer
-    ([6, 8, 16, 128], False, True),  # a D without BN: always fused
-    ([6, 64, 128, 128], False, True),
-])
-def test_fused_layer_only_where_it_saves_work(channels, use_bn, fuses):
-    mlp = PointwiseMLP(channels, use_bn=use_bn, pointwise="fused")
-    assert mlp.fusing_pays() is fuses
-    ref = copy.deepcopy(mlp).double()
-    ref.pointwise = "linear"
-    mlp = mlp.double()
-    x = torch.randn(3, 40, channels[0], dtype=torch.float64, requires_grad=True)
-    y_ref, y = ref(x), mlp(x)
-    assert torch.allclose(y, y_ref, atol=1e-10)
-    g = torch.randn_like(y)
-    gx_ref, = torch.autograd.grad(y_ref, x, g)
-    gx, = torch.autograd.grad(y, x, g)
-    assert torch.allclose(gx, gx_ref, atol=1e-10)
-
-
 def test_adam_multi_tensor_update_is_bit_identical():
     """``components.adam`` (foreach) gives the per-parameter loop's updates exactly."""
     from facedis.components import adam
