@@ -323,3 +323,54 @@ def test_best_config_loads_and_trains(sweep, tmp_path):
     metrics = engine.train(cfg)
     assert math.isfinite(metrics["E_rec_mean"]) and math.isfinite(metrics["E_dis_ref_mean"])
     assert (tmp_path / "run" / "metrics.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# from the sweep to the paper's tables: retrain its selected configs, aggregate with --sweep
+
+
+@pytest.mark.slow
+def test_sweep_to_paper_tables_in_two_commands(sweep, tmp_path):
+    import statistics
+
+    from facedis import paper_numbers
+    from facedis.cluster import aggregate as agg
+
+    out, runs, rep = sweep["out"], tmp_path / "runs", tmp_path / "rep"
+    # not retrained yet: a clear error saying how to retrain
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "aggregate.py"), "--sweep", str(out),
+                        "--runs-root", str(runs), "--out", str(rep)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and f"facedis submit --grid sweep:{out}" in r.stderr, r.stderr
+    # command 1: retrain the selected config on two seeds (in-process debug executor, CPU)
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "submit.py"), "--grid", f"sweep:{out}", "--seeds", "0", "1",
+                        "--runs-root", str(runs), "--cluster", "debug", "--gpus-per-node", "0"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # command 2: the tables, with the sweep's selection beside the retrained seeds
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "aggregate.py"), "--sweep", str(out),
+                        "--runs-root", str(runs), "--out", str(rep), "--no-plot"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sel = json.loads((out / "selection.json").read_text())["best"]
+    label = Path(sel[0]["yaml"]).stem
+    grid = runs / f"sweep-{out.name}"
+    finals = [json.loads((grid / label / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    row = next(x for x in csv.DictReader(open(rep / "sweep.csv")) if x["config"] == label)
+    assert row["trial"] == sel[0]["trial_id"] and row["rank"] == "1" and row["seeds"] == "2"
+    assert row["mode"] == "+ne-gt+id-dis" and "loss.recon=" in row["sampled"]
+    for head, key in (("E_dis", "E_dis_ref_mean"), ("E_rec", "E_rec_mean"), ("AVD_neu", "AVD_neu_mean")):
+        vals = [f[key] for f in finals]
+        assert float(row[head]) == pytest.approx(statistics.mean(vals))
+        assert float(row[f"{head} (seed std)"]) == pytest.approx(statistics.stdev(vals))
+    trial = next(x for x in csv.DictReader(open(out / "trials.csv")) if x["trial_id"] == sel[0]["trial_id"])
+    assert float(row["sweep E_dis"]) == pytest.approx(float(trial["E_dis_ref_mean"]))
+    assert float(row["sweep E_rec"]) == pytest.approx(float(trial["E_rec_mean"]))
+    assert row["paper E_dis"] == ""  # synth: the paper has no numbers
+    md = (rep / "tables.md").read_text()
+    assert f"## Sweep selection: `{out.resolve()}`" in md and f"ours: {label}" in md
+    assert "Table I layout: synth (no published numbers)" in md
+    # the same selection on a data set the paper covers gets its Table IV row (same mode)
+    info = agg.read_sweep(out)
+    coma = agg.sweep_rows([], {**info, "dataset": "coma"})
+    p = paper_numbers.ablation_row("coma", True, True)
+    assert coma[0]["paper E_dis"][0] == p["E_dis_mean"] and coma[0]["paper E_rec"][0] == p["E_rec_mean"]
+    assert coma[0]["seeds"] == 0 and coma[0]["E_dis"] == (None, None)

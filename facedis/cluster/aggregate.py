@@ -1,6 +1,7 @@
 """Aggregate a grid's runs into the paper's tables: mean ± std over seeds, paper numbers alongside.
 
     facedis aggregate runs/ablation --out reports/ablation [--seeds 0 1 2]   # = python launch/aggregate.py ...
+    facedis aggregate --sweep sweeps/results/coma-20260101-120000            # a sweep's retrained configs
 
 Reads only what the runs wrote: ``<grid>/<label>/seed<k>/config.yaml`` and ``metrics.json``.
 A run directory without a readable, complete ``metrics.json`` is listed as missing/failed and never
@@ -15,7 +16,15 @@ config does not. Writes to ``--out``:
   ``runs.csv`` (one row per finished run), ``missing.csv``;
 - ``summary.png``: per-metric bars (mean ± std over seeds) with the paper's values as markers;
 - ``curves/<config>.png``: the training curves of each config, mean ± std over its seeds (from the
-  runs' ``metrics.jsonl``).
+  runs' ``metrics.jsonl``);
+- with ``--sweep <dir>`` (a ``facedis tune`` output whose selected configs were retrained with
+  ``facedis submit --grid sweep:<dir>``): ``sweep.csv`` and a "Sweep selection" section in
+  ``tables.md``: per selected config its rank, trial, mode and sampled values, its E_dis / E_rec in
+  the sweep (one run at the trial budget) and retrained (mean ± std over seeds), and the paper's
+  Table IV row of the same data set and mode. The grid directory defaults to
+  ``<runs-root>/sweep-<dir name>``, where ``facedis submit --grid sweep:<dir>`` puts the runs.
+
+Every file is written atomically (temporary name, then rename).
 
 "± std" of our rows is the sample standard deviation (ddof=1) over seeds; it is omitted for a
 single seed. The paper's "mean ± std" is a spread over test meshes and appears in its own columns.
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -273,6 +283,123 @@ def build_tables(groups: list[Group]) -> list[tuple[str, str, list[str], list[di
     return tables
 
 
+# --------------------------------------------------------------------------------------------
+# a sweep's selected configs, retrained
+
+
+def _float(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def read_sweep(sweep_dir: Path) -> dict:
+    """What ``facedis tune`` wrote about its selection: ``selection.json`` (the selected configs),
+    ``trials.csv`` (their values in the sweep) and ``sweep.json`` (data set, search, budget).
+
+    Returns ``{"dir", "dataset", "search", "scheduler", "num_trials", "trial_epochs", "metrics",
+    "entries": [{"label", "rank", "trial_id", "config", "sweep": {metric: value}}]}``; an entry's
+    label is its YAML file's stem, the label ``facedis submit --grid sweep:<dir>`` gives its runs.
+    Raises ``FileNotFoundError`` if ``sweep_dir`` holds no finished sweep.
+    """
+    sweep_dir = Path(sweep_dir)
+    sel_path = sweep_dir / "selection.json"
+    if not sel_path.is_file():
+        raise FileNotFoundError(f"--sweep {sweep_dir}: no selection.json (not a finished facedis tune output)")
+    sel = json.loads(sel_path.read_text())
+    state = json.loads((sweep_dir / "sweep.json").read_text()) if (sweep_dir / "sweep.json").is_file() else {}
+    trials = {}
+    if (sweep_dir / "trials.csv").is_file():
+        with open(sweep_dir / "trials.csv", newline="") as f:
+            trials = {r["trial_id"]: r for r in csv.DictReader(f)}
+    metrics = list(sel.get("metrics") or state.get("metrics") or ["E_dis_ref_mean", "E_rec_mean"])
+    keys = list(dict.fromkeys([*metrics, "E_dis_ref_mean", "E_dis_vstd_mean", "E_rec_mean", "AVD_neu_mean"]))
+    entries = []
+    for b in sel.get("best", []):
+        row = trials.get(b["trial_id"], {})
+        entries.append({"label": Path(b["yaml"]).stem, "rank": b.get("rank"), "trial_id": b["trial_id"],
+                        "config": dict(b.get("config") or {}),
+                        "sweep": {k: _float(b.get(k, row.get(k))) for k in keys}})
+    base_epochs = _dig(state.get("base"), "train.epochs")
+    trial_epochs = (state.get("trial_set") or {}).get("train.epochs", base_epochs)
+    return {"dir": str(sweep_dir.resolve()), "dataset": state.get("dataset"), "search": state.get("search", "random"),
+            "scheduler": state.get("scheduler"), "num_trials": sel.get("num_trials"), "trial_epochs": trial_epochs,
+            "metrics": metrics, "entries": entries}
+
+
+SWEEP_COLUMNS = ["config", "rank", "trial", "mode", "sampled", "sweep E_dis", "sweep E_rec", "seeds",
+                 "E_dis", "E_rec", "AVD_neu", "paper E_dis", "paper E_rec", "paper AVD_neu"]
+
+
+def _fmt_value(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def sweep_rows(groups: list[Group], sweep: dict) -> list[dict]:
+    """One row per selected config of the sweep (retrained or not), then any other config of the grid."""
+    dis_key = sweep["metrics"][0] if sweep["metrics"][0] in METRIC_KEYS else "E_dis_ref_mean"
+    rec_key = sweep["metrics"][1] if sweep["metrics"][1] in METRIC_KEYS else "E_rec_mean"
+    by_label = {g.label: g for g in groups}
+    rows = []
+    for e in sweep["entries"]:
+        g = by_label.pop(e["label"], None)
+        mode = e["config"].get("mode") or (g.mode if g else None)
+        ne_gt = g.neutral_gt if g and g.neutral_gt is not None else (mode.startswith("+ne-gt") if mode else None)
+        id_dis = g.id_discriminator if g and g.id_discriminator is not None else (mode.endswith("+id-dis") if mode else None)
+        dataset = (g.dataset if g else None) or sweep["dataset"]
+        p = paper_numbers.ablation_row(dataset, ne_gt, id_dis) if ne_gt is not None and id_dis is not None else None
+        sampled = ", ".join(f"{k}={_fmt_value(v)}" for k, v in e["config"].items() if k != "mode")
+        row = {"config": e["label"], "rank": e["rank"], "trial": e["trial_id"], "mode": mode, "sampled": sampled,
+               "sweep E_dis": (e["sweep"].get(sweep["metrics"][0]), None),
+               "sweep E_rec": (e["sweep"].get(sweep["metrics"][1]), None),
+               "seeds": len(g.runs) if g else 0,
+               "paper E_dis": ((p or {}).get("E_dis_mean"), None), "paper E_rec": ((p or {}).get("E_rec_mean"), None),
+               "paper AVD_neu": ((p or {}).get("AVD_neu_mean"), None),
+               "dis_key": dis_key, "rec_key": rec_key}
+        for head, key in (("E_dis", dis_key), ("E_rec", rec_key), ("AVD_neu", "AVD_neu_mean")):
+            m, s_, n = g.stats[key] if g else (math.nan, None, 0)
+            row[head] = (m if n else None, s_)
+        rows.append(row)
+    for g in sorted(by_label.values(), key=lambda g: g.label):  # in the grid, not among the sweep's picks
+        row = {c: "" for c in SWEEP_COLUMNS}
+        row.update({"config": g.label, "rank": "—", "mode": g.mode, "seeds": len(g.runs)})
+        for head, key in (("E_dis", dis_key), ("E_rec", rec_key), ("AVD_neu", "AVD_neu_mean")):
+            m, s_, n = g.stats[key]
+            row[head] = (m if n else None, s_)
+        rows.append(row)
+    return rows
+
+
+def render_sweep_md(sweep: dict, rows: list[dict]) -> list[str]:
+    dis, rec = sweep["metrics"]
+    budget = f"{sweep['trial_epochs']} epochs" if sweep["trial_epochs"] is not None else "the sweep's budget"
+    lines = [f"## Sweep selection: `{sweep['dir']}`", "",
+             f"{sweep['dataset']} sweep ({sweep['search']} search, {sweep['scheduler']} early stopping, "
+             f"{sweep['num_trials']} trials); \"sweep\" = the trial's last values in the sweep (one run, {budget}, "
+             f"{dis} / {rec}); E_dis / E_rec / AVD_neu = the config retrained at its full schedule, mean ± std over "
+             f"`seeds` (E_dis = `{rows[0]['dis_key'] if rows and 'dis_key' in rows[0] else 'E_dis_ref_mean'}`); "
+             "paper = Table IV, same data set and mode. 0 seeds: not retrained (yet). All errors in mm.", "",
+             "| " + " | ".join(SWEEP_COLUMNS) + " |", "|" + "---|" * len(SWEEP_COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell_md(row.get(c)) for c in SWEEP_COLUMNS) + " |")
+    return lines + [""]
+
+
+def write_sweep_csv(path: Path, rows: list[dict]) -> None:
+    header, out = [], []
+    for c in SWEEP_COLUMNS:
+        header += [c] if c in ("config", "rank", "trial", "mode", "sampled", "seeds") else [c, f"{c} (seed std)"]
+    for row in rows:
+        cells = []
+        for c in SWEEP_COLUMNS:
+            v = row.get(c)
+            cells += [v[0], v[1]] if isinstance(v, tuple) else [v]
+        out.append(cells)
+    _write_csv(path, header, out)
+
+
 def _cell_md(v) -> str:
     if isinstance(v, tuple):
         m, s = v
@@ -298,7 +425,8 @@ def _row_cells(row: dict, columns: list[str]) -> list[Any]:
     return out
 
 
-def render_markdown(grid_dir: Path, groups: list[Group], problems: list[Run], tables) -> str:
+def render_markdown(grid_dir: Path, groups: list[Group], problems: list[Run], tables,
+                    sweep_md: list[str] | None = None) -> str:
     lines = [f"# Results: `{grid_dir}`", ""]
     n_ok = sum(len(g.runs) for g in groups)
     lines += [f"{len(groups)} configs, {n_ok} finished runs, {len(problems)} missing or failed.",
@@ -311,6 +439,7 @@ def render_markdown(grid_dir: Path, groups: list[Group], problems: list[Run], ta
         for row in rows:
             lines.append("| " + " | ".join(_cell_md(c) for c in _row_cells(row, columns)) + " |")
         lines.append("")
+    lines += sweep_md or []
     lines += ["## Missing or failed runs", ""]
     if problems:
         lines += ["| config | seed | run directory | problem |", "|---|---|---|---|"]
@@ -329,12 +458,19 @@ def render_markdown(grid_dir: Path, groups: list[Group], problems: list[Run], ta
     return "\n".join(lines)
 
 
+def _atomic_text(path: Path, text: str) -> None:
+    from facedis.rundir import atomic_write_text
+
+    atomic_write_text(Path(path), text)
+
+
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for r in rows:
-            w.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in r])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    for r in rows:
+        w.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in r])
+    _atomic_text(path, buf.getvalue())
 
 
 def write_table_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
@@ -401,15 +537,25 @@ def plot(groups: list[Group], path: Path) -> None:
                 labels.append(lab)
     fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
-    fig.savefig(path, dpi=110)
+    fig.set_dpi(110)
+    from facedis.curves import save_figure
+
+    save_figure(fig, path)
     plt.close(fig)
 
 
-def aggregate(grid_dir: Path, out: Path, seeds: Sequence[int] | None = None, make_plot: bool = True) -> dict:
-    """Write the report; returns ``{"groups", "problems", "files"}``."""
+def aggregate(grid_dir: Path, out: Path, seeds: Sequence[int] | None = None, make_plot: bool = True,
+              sweep_dir: Path | None = None) -> dict:
+    """Write the report; returns ``{"groups", "problems", "files", "sweep_rows"}``.
+
+    ``sweep_dir``: the ``facedis tune`` output whose selected configs ``grid_dir`` retrained (adds
+    ``sweep.csv`` and the "Sweep selection" section)."""
     grid_dir, out = Path(grid_dir), Path(out)
+    sweep = read_sweep(sweep_dir) if sweep_dir is not None else None
     if not grid_dir.is_dir():
-        raise FileNotFoundError(f"{grid_dir}: no such directory")
+        hint = (f" (retrain the sweep's configs first: facedis submit --grid sweep:{sweep_dir} --seeds 0 1 2 ...)"
+                if sweep is not None else "")
+        raise FileNotFoundError(f"{grid_dir}: no such directory{hint}")
     groups, problems = scan(grid_dir, seeds)
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(groups)
@@ -438,22 +584,44 @@ def aggregate(grid_dir: Path, out: Path, seeds: Sequence[int] | None = None, mak
         plot(groups, out / "summary.png")
         files.append(out / "summary.png")
         files += write_curves(groups, out / "curves")
-    (out / "tables.md").write_text(render_markdown(grid_dir, groups, problems, tables))
+    srows, sweep_md = None, None
+    if sweep is not None:
+        srows = sweep_rows(groups, sweep)
+        write_sweep_csv(out / "sweep.csv", srows)
+        files.append(out / "sweep.csv")
+        sweep_md = render_sweep_md(sweep, srows)
+    _atomic_text(out / "tables.md", render_markdown(grid_dir, groups, problems, tables, sweep_md))
     files.append(out / "tables.md")
-    return {"groups": groups, "problems": problems, "files": files}
+    return {"groups": groups, "problems": problems, "files": files, "sweep_rows": srows}
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("grid_dir", type=Path, help="runs/<grid>")
+    p.add_argument("grid_dir", type=Path, nargs="?",
+                   help="runs/<grid> (with --sweep: default <runs-root>/sweep-<sweep dir name>)")
+    p.add_argument("--sweep", type=Path, metavar="DIR",
+                   help="a facedis tune output whose selected configs were retrained (facedis submit --grid sweep:DIR): "
+                        "adds the sweep selection table")
+    p.add_argument("--runs-root", type=Path, default=Path("runs"), help="with --sweep and no grid_dir (default: runs)")
     p.add_argument("--out", type=Path, help="report directory (default: reports/<grid>)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds every config should have (default: union of seeds found)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--strict", action="store_true", help="exit 1 if any run is missing or failed")
     args = p.parse_args(argv)
+    if args.grid_dir is None:
+        if args.sweep is None:
+            p.error("give the grid directory (runs/<grid>) or --sweep DIR")
+        from facedis.cluster.grids import resolve_grid
+
+        try:
+            name, _ = resolve_grid(f"sweep:{args.sweep}")
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
+        args.grid_dir = args.runs_root / name
     out = args.out or Path("reports") / args.grid_dir.resolve().name
     try:
-        res = aggregate(args.grid_dir, out, args.seeds, make_plot=not args.no_plot)
+        res = aggregate(args.grid_dir, out, args.seeds, make_plot=not args.no_plot, sweep_dir=args.sweep)
     except FileNotFoundError as e:
         print(e, file=sys.stderr)
         return 2

@@ -14,6 +14,11 @@ error is worth the same and the units (mm) cancel. ``method="rank"``: minimise
 ``w·rank(E_dis) + (1 − w)·rank(E_rec)`` (ranks over all eligible points, 1 = best; ``w`` =
 ``weight``, default 0.5), ties broken by the median score. The median score accepts ``weight``
 too: ``2·(w·E_dis/med + (1 − w)·E_rec/med)``.
+
+Hypervolume (:func:`hypervolume`): the area of the part of the plane that the points dominate and
+that is itself dominated by a fixed reference point ``r`` (both objectives minimised), i.e. the area
+of the union of the boxes ``[a, r_a] × [b, r_b]``. Larger is better; points outside the reference
+box add nothing. Comparable between sweeps only with the same reference point.
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ from typing import Sequence
 
 def _finite(p) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)
+
+
+def dominates(p: Sequence[float], q: Sequence[float]) -> bool:
+    """``p`` dominates ``q`` (both minimised): no worse in every objective, strictly better in one.
+    A point with a missing or non-finite value dominates nothing; a finite point dominates it."""
+    if not _finite(p):
+        return False
+    if not _finite(q):
+        return True
+    return all(a <= b for a, b in zip(p, q)) and any(a < b for a, b in zip(p, q))
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
@@ -40,6 +55,24 @@ def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
         if not dominated:
             front.append(i)
     return front
+
+
+def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
+    """Area dominated by ``points`` (each ``(a, b)``, minimised) inside the box bounded by ``reference``.
+
+    Points with a missing value, and points not strictly better than ``reference`` in both
+    objectives, add nothing. Exact: a sweep over the front sorted by the first objective.
+    """
+    ra, rb = (float(v) for v in reference)
+    if not (math.isfinite(ra) and math.isfinite(rb)):
+        raise ValueError(f"hypervolume reference point must be finite, got {tuple(reference)}")
+    inside = [(float(a), float(b)) for a, b in (p for p in points if _finite(p)) if a < ra and b < rb]
+    front = sorted({inside[i] for i in pareto_front(inside)})  # ascending a, hence descending b
+    area, prev_b = 0.0, rb
+    for a, b in front:
+        area += (ra - a) * (prev_b - b)
+        prev_b = b
+    return area
 
 
 def _median(xs: list[float]) -> float:
@@ -132,5 +165,7 @@ def plot_front(points, labels, front, chosen, path, xlabel="E_rec_mean (mm)", yl
     if ok:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    from facedis.curves import save_figure
+
+    save_figure(fig, path)  # atomic: temporary name, then rename
     plt.close(fig)

@@ -5,10 +5,19 @@
     facedis tune --dataset coma --resume                                    # the newest coma sweep, after a crash
     facedis tune --resume sweeps/results/coma-20260101-120000               # a given sweep
     facedis tune --dataset synth --smoke-test                               # ~1 min on 2 CPU cores
+    facedis tune --dataset coma --search optuna --num-samples 64            # multi-objective TPE + Pareto stopping
 
 (``python sweeps/tune.py ...`` in a source checkout is the same command.) Needs Ray Tune:
-``pip install 'facedis[sweep]'``. Fixed config overrides are ``--section.key=value`` as everywhere
-(``--set section.key=value`` is the same).
+``pip install 'facedis[sweep]'``; ``--search optuna`` needs Optuna too: ``pip install 'facedis[optuna]'``.
+Fixed config overrides are ``--section.key=value`` as everywhere (``--set section.key=value`` is the same).
+
+Search (``--search``): ``random`` (Ray Tune's seeded random search; default) or ``optuna``
+(Optuna's multi-objective sampler over (E_dis, E_rec), :mod:`facedis.sweeps.searchers`).
+Early stopping (``--scheduler``): ``asha`` (on the scalar ``objective``; the default with random
+search), ``pareto`` (:class:`facedis.sweeps.schedulers.ParetoRungScheduler`: stops a trial at a rung
+only when enough trials at that rung dominate it in (E_dis, E_rec); the default with Optuna) or
+``fifo`` (no early stopping). ``python -m facedis.sweeps.compare`` runs both searches with the same
+budget and seeds and reports the hypervolume of their fronts (docs/sweeps.md).
 
 Every trial is one call of :func:`facedis.engine.train` (the only training loop): the trainable
 (:func:`trainable`) builds the trial's Config from the base preset plus the sampled values,
@@ -25,6 +34,7 @@ needs), ``tune/`` (Ray Tune's experiment directory) and ``runs/<trial>/`` (each 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -39,6 +49,11 @@ from typing import Any
 
 from facedis.extras import require
 from facedis.sweeps import pareto, spaces
+
+SEARCHES = ("random", "optuna")  # facedis.sweeps.searchers (imported with Ray)
+SCHEDULERS = ("asha", "pareto", "fifo")
+#: ``--scheduler`` default per ``--search``
+DEFAULT_SCHEDULER = {"random": "asha", "optuna": "pareto"}
 
 #: Where sweeps go without ``--out`` (relative to the current directory), as ``<dataset>-<time>/``.
 RESULTS_DIR = Path("sweeps") / "results"
@@ -87,7 +102,7 @@ _RESULT_KEYS = ("epoch", "E_rec_mean", "E_dis_ref_mean", "E_dis_vstd_mean", "AVD
 # environment
 
 
-def _quiet_ray_env(local: bool) -> None:
+def quiet_ray_env(local: bool) -> None:
     """Env vars that keep Ray Tune quiet and save its state often (set before ``import ray``;
     an existing value wins)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -100,17 +115,21 @@ def _quiet_ray_env(local: bool) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def _init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> str | None:
-    """Start (or join, with ``address``) Ray; returns the temp dir to delete afterwards (or None)."""
+def init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> tuple[str | None, bool]:
+    """Start (or join, with ``address``) Ray; returns (the temp dir to delete afterwards or None,
+    whether this call started it). A Ray already initialised in this process without ``address``
+    (``facedis tune compare`` runs several sweeps on one private Ray) is used as it is."""
     import ray
 
     kw = dict(include_dashboard=False, log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR")
     if address:
         ray.init(address=address, **kw)
-        return None
+        return None, True
+    if ray.is_initialized():
+        return None, False
     tmp = tempfile.mkdtemp(prefix="rayfd", dir="/tmp")  # short: AF_UNIX paths are limited to 107 bytes
     ray.init(num_cpus=num_cpus, _temp_dir=tmp, **kw)
-    return tmp
+    return tmp, True
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,11 +303,19 @@ def write_csv(rows: list[dict], path: Path) -> None:
     cfg_keys = [k for k in keys if k.startswith("config/")]
     main = [k for k in _RESULT_KEYS + ("objective", "epochs_done", "training_iteration") if k in keys]
     rest = [k for k in keys if k not in first and k not in cfg_keys and k not in main]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=first + cfg_keys + main + rest)
-        w.writeheader()
-        for row in rows:
-            w.writerow(row)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=first + cfg_keys + main + rest)
+    w.writeheader()
+    for row in rows:
+        w.writerow(row)
+    _atomic_text(path, buf.getvalue())
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary name in the same directory, then rename)."""
+    from facedis.rundir import atomic_write_text
+
+    atomic_write_text(Path(path), text)
 
 
 def collect(result_grid, epochs: int) -> list[dict]:
@@ -338,7 +365,7 @@ def write_outputs(out: Path, state: dict, results: list[dict], k: int, method: s
                      "config": r["config"], **{m: r["metrics"].get(m) for m in metrics}})
     summary = {"num_trials": len(results), "front": [results[i]["trial_id"] for i in front], "best": best,
                "metrics": list(metrics), "method": method, "weight": weight, "eligible": eligible}
-    (out / "selection.json").write_text(json.dumps(summary, indent=2, default=str))
+    _atomic_text(out / "selection.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 
@@ -387,18 +414,31 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=None, help="at most this many trials at once (default: resources decide)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto or ray://host:10001)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the private local Ray (default: all)")
-    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
+    p.add_argument("--search", choices=SEARCHES, default="random",
+                   help="random (Ray Tune's seeded random search) or optuna (multi-objective Optuna over the two "
+                        "--metrics; needs facedis[optuna])")
+    p.add_argument("--sampler", choices=["tpe", "nsga2"], default="tpe",
+                   help="Optuna sampler with --search optuna: multi-objective TPE (default) or NSGA-II")
+    p.add_argument("--startup-trials", type=int, default=None,
+                   help="TPE: random trials before it models the front (default: a third of --num-samples, 4..10)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                   help="early stopping: asha (scalar objective), pareto (stops only trials dominated by "
+                        "--dominated-by others at a rung) or fifo (none); default asha with --search random, "
+                        "pareto with --search optuna")
     p.add_argument("--asha-metric", default="objective",
                    help="metric ASHA compares (default objective = E_dis/s_dis + E_rec/s_rec, scales per data set)")
-    p.add_argument("--grace-epochs", type=int, default=None, help="ASHA grace period in epochs (default: max(eval_every, epochs/8))")
-    p.add_argument("--reduction-factor", type=float, default=2)
+    p.add_argument("--grace-epochs", type=int, default=None,
+                   help="first rung of asha/pareto in epochs (default: max(eval_every, epochs/8))")
+    p.add_argument("--reduction-factor", type=float, default=2, help="rung spacing of asha/pareto (and ASHA's cut)")
+    p.add_argument("--dominated-by", type=int, default=2,
+                   help="pareto: a trial is stopped at a rung when at least this many trials recorded there dominate it")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="the two Pareto objectives (E_dis key, E_rec key)")
     p.add_argument("--select", choices=["median", "rank"], default="median", help="scalarised pick among the front (pareto.py)")
     p.add_argument("--weight", type=float, default=0.5, help="weight of E_dis in the scalarised pick (0..1)")
     p.add_argument("--top-k", type=int, default=None, help="best configs to write (default 3; smoke test 1)")
     p.add_argument("--eligible", choices=["completed", "all"], default="completed",
                    help="trials the front is taken over (completed = ran the whole budget)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random search")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (random search or Optuna sampler)")
     p.add_argument("--out", type=Path, help=f"output directory (default {RESULTS_DIR}/<dataset>-<time>)")
     p.add_argument("--resume", type=Path, metavar="OUT", nargs="?", const=LATEST,
                    help="resume the sweep in OUT after a crash (other options are read from OUT/sweep.json); "
@@ -468,15 +508,45 @@ def _new_state(args, argv=None) -> tuple[Path, dict]:
         "dataset": args.dataset, "config": str(Path(config_path).resolve()), "mode": args.mode,
         "space": {k: v for k, v in space.items()}, "trial_set": {**TRIAL_SET, **trial_set},
         "base": config_to_dict(cfg), "metrics": [m.strip() for m in args.metrics.split(",")][:2],
-        "num_samples": num_samples, "seed": args.seed, "scheduler": args.scheduler,
+        "num_samples": num_samples, "seed": args.seed, "search": args.search, "sampler": args.sampler,
+        "startup_trials": args.startup_trials, "scheduler": args.scheduler or DEFAULT_SCHEDULER[args.search],
         "asha_metric": args.asha_metric, "grace_epochs": args.grace_epochs, "reduction_factor": args.reduction_factor,
+        "dominated_by": args.dominated_by,
         "scales": list(OBJECTIVE_SCALES.get(args.dataset, (1.0, 1.0))), "smoke_test": args.smoke_test,
         "created": stamp, "argv": sys.argv[1:] if argv is None else list(argv),
         "train_fn": args.train_fn,
     }
     if len(state["metrics"]) != 2:
         raise SystemExit("--metrics needs two comma-separated keys: E_dis key, E_rec key")
+    if args.dominated_by < 1:
+        raise SystemExit(f"--dominated-by must be >= 1, got {args.dominated_by}")
+    if args.reduction_factor <= 1:
+        raise SystemExit(f"--reduction-factor must be > 1, got {args.reduction_factor}")
+    from facedis.sweeps.searchers import check_space
+
+    check_space(state["space"], args.search)
     return out, state
+
+
+def make_scheduler(state: dict, epochs: int, eval_every: int):
+    """The sweep's ``TrialScheduler`` (``state["scheduler"]``: asha, pareto or fifo)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    kind = state.get("scheduler", "asha")
+    max_t = max(epochs, 1)
+    grace = min(state.get("grace_epochs") or max(eval_every, epochs // 8, 1), max_t)
+    rf = state.get("reduction_factor", 2)
+    if kind == "asha":
+        return ASHAScheduler(time_attr="epochs_done", metric=state["asha_metric"], mode="min",
+                             max_t=max_t, grace_period=grace, reduction_factor=rf)
+    if kind == "pareto":
+        from facedis.sweeps.schedulers import ParetoRungScheduler
+
+        return ParetoRungScheduler(metrics=state["metrics"], time_attr="epochs_done", max_t=max_t,
+                                   grace_period=grace, reduction_factor=rf, dominated_by=state.get("dominated_by", 2))
+    if kind == "fifo":
+        return FIFOScheduler()
+    raise SystemExit(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -500,13 +570,21 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
     args = parse_args(argv, prog)
     t0 = time.time()
-    _quiet_ray_env(local=not args.address)  # before ray is imported
+    quiet_ray_env(local=not args.address)  # before ray is imported
     require("ray.tune", "sweep", "facedis tune")  # before any work: a clear error naming the extra
+    if args.search == "optuna" and not args.resume:
+        from facedis.sweeps.searchers import require_optuna
+
+        require_optuna()  # before any work too: names facedis[optuna]
     if args.resume:
         out = _resume_dir(args).expanduser().resolve()
         if not (out / "sweep.json").is_file():
             raise SystemExit(f"--resume: {out} holds no sweep (no sweep.json)")
         state = json.loads((out / "sweep.json").read_text())
+        if state.get("search", "random") == "optuna":
+            from facedis.sweeps.searchers import require_optuna
+
+            require_optuna("facedis tune --resume of an Optuna sweep")
         saved = state.get("resources", {})
     else:
         out, state = _new_state(args, argv)
@@ -526,18 +604,18 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
 
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
+
+    from facedis.sweeps.searchers import make_searcher
 
     num_cpus = args.num_cpus or (2 if smoke and not args.address else None)
-    tmp = _init_ray(args.address, num_cpus, args.verbose)
+    tmp, owned = init_ray(args.address, num_cpus, args.verbose)
     try:
         if res["gpus"] is None:
             res["gpus"] = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         state["resources"] = res
         state["ray_temp_dir"] = tmp  # for cleaning up after a crash (a private local Ray only)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep.json").write_text(json.dumps(state, indent=2, default=str))
+        _atomic_text(out / "sweep.json", json.dumps(state, indent=2, default=str))
         trial_set = dict(state["trial_set"])
         if res["gpus"] == 0:
             trial_set["train.cpu"] = True
@@ -556,19 +634,15 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
             tuner = tune.Tuner.restore(str(exp_dir), trainable=fn, resume_unfinished=True, resume_errored=True)
         else:
             eval_every = trial_config(state["base"], {}, trial_set).train.eval_every
-            if state["scheduler"] == "asha":
-                grace = state["grace_epochs"] or max(eval_every, epochs // 8, 1)
-                scheduler = ASHAScheduler(time_attr="epochs_done", metric=state["asha_metric"], mode="min",
-                                          max_t=max(epochs, 1), grace_period=min(grace, max(epochs, 1)),
-                                          reduction_factor=state["reduction_factor"])
-            else:
-                scheduler = FIFOScheduler()
+            scheduler = make_scheduler(state, epochs, eval_every)
+            search_alg = make_searcher(state.get("search", "random"), metrics=metrics, seed=state["seed"],
+                                       num_samples=state["num_samples"], budget=max(epochs, 1),
+                                       sampler=state.get("sampler", "tpe"), startup_trials=state.get("startup_trials"))
             tuner = tune.Tuner(
                 fn,
                 param_space=spaces.to_param_space(state["space"]),
                 tune_config=tune.TuneConfig(
-                    num_samples=state["num_samples"], scheduler=scheduler,
-                    search_alg=BasicVariantGenerator(random_state=state["seed"]),
+                    num_samples=state["num_samples"], scheduler=scheduler, search_alg=search_alg,
                     max_concurrent_trials=res["max_concurrent"],
                     trial_dirname_creator=lambda t: t.trial_id),
                 run_config=tune.RunConfig(
@@ -577,12 +651,14 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> dict:
                     failure_config=tune.FailureConfig(max_failures=1),
                     callbacks=[_progress_callback([metrics[0], metrics[1], "objective"])]),
             )
-            print(f"sweep {state['dataset']} -> {out}\nsearch space ({state['num_samples']} samples, "
+            print(f"sweep {state['dataset']} -> {out}\nsearch {state.get('search', 'random')}, scheduler "
+                  f"{state.get('scheduler', 'asha')}; search space ({state['num_samples']} samples, "
                   f"{res['cpus']:g} CPU / {res['gpus']:g} GPU per trial):\n{spaces.describe(state['space'])}", flush=True)
         grid = tuner.fit()
         results = collect(grid, epochs)
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     summary = write_outputs(out, state, results, top_k, args.select, args.weight, args.eligible)
