@@ -3,8 +3,9 @@
 The core install (``pip install facedis``) prepares data, trains and evaluates. Two tools need more:
 
 - ``facedis[sweep]``: Ray Tune, for ``facedis tune`` (``sweeps/tune.py``);
+- ``facedis[optuna]``: Ray Tune and Optuna, for ``facedis tune --search optuna``;
 - ``facedis[cluster]``: submitit, for ``facedis submit`` and ``facedis status`` (``launch/``);
-- ``facedis[all]``: both (``facedis[dev]`` adds pytest).
+- ``facedis[all]``: all of them (``facedis[dev]`` adds pytest).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import importlib
 from types import ModuleType
 
 #: extra -> what it brings (for messages)
-EXTRAS = {"sweep": "Ray Tune", "cluster": "submitit"}
+EXTRAS = {"sweep": "Ray Tune", "optuna": "Optuna", "cluster": "submitit"}
 
 
 class MissingExtraError(ImportError):

@@ -492,10 +492,12 @@ def _new_state(args, argv=None) -> tuple[Path, dict]:
             if k == tied or k in members:
                 space.pop(tied, None)
     cfg = base_config(config_path, fixed)
-    if args.smoke_test:
-        data = Path(tempfile.gettempdir()) / "facedis-smoke" / "synth-6x8-v300-t2"
-        cfg.data.root, cfg.data.prepare = str(data), list(SMOKE_DATA)
-        cfg.run.artefact_dir = str(Path(tempfile.gettempdir()) / "facedis-smoke" / "artefacts")
+    if args.smoke_test:  # node-local defaults; a multi-node sweep passes shared paths with --set
+        if "data.root" not in fixed:
+            data = Path(tempfile.gettempdir()) / "facedis-smoke" / "synth-6x8-v300-t2"
+            cfg.data.root, cfg.data.prepare = str(data), list(SMOKE_DATA)
+        if "run.artefact_dir" not in fixed:
+            cfg.run.artefact_dir = str(Path(tempfile.gettempdir()) / "facedis-smoke" / "artefacts")
     from facedis.config import config_to_dict
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
