@@ -122,7 +122,10 @@ class PointwiseMLP(nn.Module):
                 if self.use_bn:
                     h = getattr(self, f"bn{i}")(h)
                 h = F.relu(h)
-            return h.amax(dim=2)
+            # the reference's MaxPool1d, over however many points arrive: the backward sends each
+            # channel's gradient to its arg-max point (zero fill + scatter); amax's backward would
+            # split ties evenly at the cost of several extra passes over the (B, C, V) map
+            return F.max_pool1d(h, h.shape[2]).squeeze(2)
         h = x.reshape(B * V, -1)  # (B*V, C): the same GEMMs without the transposes
         fused = self.pointwise == "fused" and self.num_layers >= 1
         last = self.num_layers - 1 if fused else self.num_layers

@@ -8,6 +8,7 @@ from facedis.model import (
     DisentanglingVAE,
     Encoding,
     IdentityDiscriminator,
+    PointwiseMLP,
     VAEOutput,
     count_parameters,
 )
@@ -149,6 +150,28 @@ def test_conv_and_linear_paths_are_the_same_function():
     # BN running statistics agree (same (batch, points) statistics)
     for k, v in conv.state_dict().items():
         torch.testing.assert_close(v, lin.state_dict()[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_conv_path_pools_like_the_reference_maxpool():
+    """The conv path's max over the points is the reference's ``MaxPool1d(V)``, backward included:
+    exactly tied points (a duplicated vertex) send the whole gradient to one of them."""
+    torch.manual_seed(0)
+    mlp = PointwiseMLP([3, 8, 16], use_bn=False, pointwise="conv")
+    x = torch.randn(B, V, 3)
+    x[:, 2] *= 5  # the arg-max of most channels ...
+    x[:, 7] = x[:, 2]  # ... exactly tied with another point
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    h = xb.transpose(1, 2)
+    for conv in (mlp.conv1, mlp.conv2):
+        h = torch.relu(conv(h))
+    out, ref = mlp(xa), torch.nn.MaxPool1d(V)(h).squeeze(2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    params = list(mlp.parameters())
+    ga = torch.autograd.grad(out, [xa, *params], g)
+    gb = torch.autograd.grad(ref, [xb, *params], g)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_discriminator_conv_linear_same_and_switchable():

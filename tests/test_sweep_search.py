@@ -266,7 +266,7 @@ def test_missing_optuna_cli_error_before_anything_runs(tmp_path):
             f"sys.exit(main(['tune', '--dataset', 'synth', '--search', 'optuna', '--out', {str(out)!r}]))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "facedis tune --search optuna needs optuna" in r.stderr
+    assert "facedis tune --search optuna needs Optuna (optuna)" in r.stderr
     assert "pip install 'facedis[optuna]'" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() and not (tmp_path / "sweeps").exists()  # nothing prepared, nothing written
     # the comparison needs it too (an optuna arm), and says so before any baseline or sweep runs
