@@ -221,7 +221,8 @@ def tune_command(spec: SweepSpec, address: str, resume: bool, python: str = sys.
 # progress of a sweep, from its files (facedis status, and the job's own check that it finished)
 
 
-def _last_json_line(path: Path) -> dict | None:
+def last_json_line(path: Path) -> dict | None:
+    """Last complete JSON line of a file (a line being written is ignored); None if unreadable."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -289,7 +290,7 @@ def sweep_progress(out: str | os.PathLike) -> dict[str, Any]:
     rows, best = [], None
     for tid in sorted(trials):
         t = trials[tid]
-        last = _last_json_line(exp / tid / "result.json") or t["last_result"]
+        last = last_json_line(exp / tid / "result.json") or t["last_result"]
         column = TRIAL_STATES.get(t["status"], "pending")
         counts[column] += 1
         row = {"trial_id": tid, "status": t["status"], "epochs_done": last.get("epochs_done"),

@@ -23,26 +23,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from facedis.cluster.ray_sweep import finished_path, read_json, request_path, sweep_out, sweep_progress
+from facedis.cluster.ray_sweep import (finished_path, last_json_line, read_json, request_path, sweep_out,
+                                       sweep_progress)
 from facedis.cluster.submit import job_state, latest_jobs
 
 SHOW = ("epoch", "E_rec_mean", "E_dis_ref_mean", "E_dis_vstd_mean", "AVD_neu_mean")
-
-
-def last_jsonl(path: Path) -> dict | None:
-    """Last complete JSON line of a file (a line being written is ignored)."""
-    if not path.is_file():
-        return None
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
-    return None
 
 
 def run_dirs(grid_dir: Path) -> list[Path]:
@@ -63,7 +48,7 @@ def collect(grid_dir: Path, query_scheduler: bool = True) -> list[dict]:
     for d in sorted(dirs):
         p = Path(d)
         rec = jobs.get(d)
-        last = last_jsonl(p / "metrics.jsonl")
+        last = last_json_line(p / "metrics.jsonl")
         row = {
             "run": str(p.relative_to(grid_dir)) if p.is_relative_to(grid_dir) else d,
             "run_dir": d,
