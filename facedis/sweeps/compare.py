@@ -55,18 +55,10 @@ COMPARE_DATA = ["synth", "--subjects", "40", "--per-subject", "8", "--vertices",
                 "--test-fraction", "0.2"]
 #: Every trial of every sweep (the sweep's --set): a slim model, evaluation every epoch, CPU.
 COMPARE_SET: dict[str, Any] = {
-    "train.eval_every": 1,
+    **{k: v for k, v in tune.SMOKE_SET.items() if k != "train.epochs"},  # epochs: the comparison's budget
     "train.batch_size": 16,
     "train.eval_batch_size": 64,
-    "train.log_every_steps": 1000,
-    "train.cpu": True,
-    "model.width": 0.125,
-    "model.encoder_channels": [],
-    "model.decoder_hidden": 32,
-    "model.disc_width": 0.125,
-    "pretrain.epochs": 1,
     "pretrain.batch_size": 16,
-    "data.num_workers": 0,
 }
 METRICS = tuple(tune.DEFAULT_METRICS)  # (E_dis key, E_rec key)
 
